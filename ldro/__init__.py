@@ -1,0 +1,42 @@
+"""ldro: Lookahead-DRO and multitask weighting methods as optax transformations.
+
+Paper: "Balancing Average and Worst-case Accuracy in Multitask Learning"
+(Lookahead-DRO). Core modules are pure JAX; see the README for usage.
+"""
+
+from ldro.dro import avg_max_interpolation
+from ldro.dro import baselined_dro
+from ldro.dro import group_dro
+from ldro.game import best_response
+from ldro.game import exponentiated_step
+from ldro.game import maxent_nash
+from ldro.game import maxent_nash_with_info
+from ldro.game import NashInfo
+from ldro.game import update_weights
+from ldro.lookahead import chunked_gram
+from ldro.lookahead import compute_gram
+from ldro.lookahead import GRAM_STRATEGIES
+from ldro.lookahead import grouped_gram
+from ldro.lookahead import interaction_matrix
+from ldro.lookahead import jacrev_gram
+from ldro.lookahead import lookahead_matrix
+from ldro.lookahead import pairwise_gram
+from ldro.lookahead import per_task_grads
+from ldro.lookahead import task_gram
+from ldro.lookahead_dro import ldro_weights
+from ldro.lookahead_dro import LookaheadDROState
+from ldro.conflict_projection import pcgrad
+from ldro.conflict_projection import pcgrad_coefficients
+from ldro.random_weighting import random_gradient_weighting
+from ldro.random_weighting import random_loss_weighting
+from ldro.random_weighting import sample_random_weights
+from ldro.registry import get_method
+from ldro.registry import method_names
+from ldro.registry import register_method
+from ldro.static import equal_weighting
+from ldro.static import mixing_weights
+from ldro.static import static_mixing
+from ldro.weighting import task_weights
+from ldro.weighting import TaskWeightingState
+
+__version__ = "0.1.0"

@@ -1,0 +1,483 @@
+"""Multitask image-classification data: loaders, task-grouped batcher, eval.
+
+All tasks share a single softmax over the union of their classes (Section 5.1
+of the Lookahead-DRO paper): labels are global class ids, and each example
+additionally carries the id of the task it belongs to.
+
+Two datasets are provided:
+
+* `load_cifar100_tasks`: multitask CIFAR-100 from TFDS; the 20 coarse
+  (super-)classes are 20 five-way tasks over the 100 fine labels.
+* `load_imagefolder_pair_tasks`: "multitask CIFAR-10" (or any TFDS
+  `ImageFolder` layout); each task is a binary classification between a pair
+  of classes, with a shared softmax over all classes of the folder.
+
+Training batches come from `GroupedBatcher` (a pure function of `(seed,
+step)`, grouped by task for per-task gradients), evaluation batches from
+`eval_batches`. Both normalise images with `normalize_images`.
+
+TensorFlow / TFDS are only imported inside the two loaders, so the batcher
+and `TaskImageData` work with numpy alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_CIFAR10_PAIRS",
+    "TaskImageData",
+    "normalize_images",
+    "load_cifar100_tasks",
+    "load_imagefolder_pair_tasks",
+    "GroupedBatcher",
+    "eval_batches",
+]
+
+DEFAULT_CIFAR10_PAIRS: tuple[tuple[str, str], ...] = (
+    ("cat", "dog"),
+    ("automobile", "truck"),
+    ("airplane", "ship"),
+    ("deer", "horse"),
+    ("bird", "frog"),
+)
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # As tfds ImageFolder.
+_CACHE_FORMAT_VERSION = 1
+
+
+def normalize_images(images: np.ndarray) -> np.ndarray:
+  """Maps uint8 images to float32 in [-0.5, 0.5] (`x / 255 - 0.5`).
+
+  A fixed, data-independent normalisation, so that training and evaluation
+  (and different datasets) agree without carrying statistics around.
+
+  Args:
+    images: uint8 array of any shape.
+
+  Returns:
+    float32 array of the same shape.
+  """
+  return images.astype(np.float32) * np.float32(1.0 / 255.0) - np.float32(0.5)
+
+
+@dataclasses.dataclass
+class TaskImageData:
+  """In-memory multitask image classification data with a shared label space.
+
+  Attributes:
+    task_names: Name of each task; task ids index this list.
+    class_names: Name of each class of the shared softmax; labels index it.
+    train_images: uint8 [M, H, W, C] training images (32x32x3 for CIFAR).
+    train_labels: int32 [M] global (shared-softmax) class ids.
+    train_tasks: int32 [M] task id of each training example.
+    test_images: uint8 [K, H, W, C] test images.
+    test_labels: int32 [K] global class ids.
+    test_tasks: int32 [K] task ids.
+
+  Raises (on construction):
+    ValueError: on inconsistent shapes/dtypes, out-of-range labels or task
+      ids, or if some task has no training or no test example.
+  """
+
+  task_names: list[str]
+  class_names: list[str]
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  train_tasks: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  test_tasks: np.ndarray
+
+  def __post_init__(self) -> None:
+    self.task_names = [str(t) for t in self.task_names]
+    self.class_names = [str(c) for c in self.class_names]
+    if not self.task_names:
+      raise ValueError("TaskImageData needs at least one task.")
+    image_shape = None
+    for split in ("train", "test"):
+      images = np.asarray(getattr(self, f"{split}_images"))
+      if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{split}_images must be uint8 [M, H, W, C], got {images.dtype} "
+            f"{images.shape}.")
+      if image_shape is not None and images.shape[1:] != image_shape:
+        raise ValueError(
+            f"train and test images differ in shape: {image_shape} vs "
+            f"{images.shape[1:]}.")
+      image_shape = images.shape[1:]
+      setattr(self, f"{split}_images", images)
+      for field, size in (("labels", self.num_classes),
+                          ("tasks", self.num_tasks)):
+        values = np.asarray(getattr(self, f"{split}_{field}"))
+        if values.shape != (len(images),):
+          raise ValueError(
+              f"{split}_{field} must have shape ({len(images)},), got "
+              f"{values.shape}.")
+        if not np.issubdtype(values.dtype, np.integer):
+          raise ValueError(f"{split}_{field} must be integers, got "
+                           f"{values.dtype}.")
+        if values.size and (values.min() < 0 or values.max() >= size):
+          raise ValueError(
+              f"{split}_{field} must lie in [0, {size}), got range "
+              f"[{values.min()}, {values.max()}].")
+        setattr(self, f"{split}_{field}", values.astype(np.int32, copy=False))
+      counts = np.bincount(getattr(self, f"{split}_tasks"),
+                           minlength=self.num_tasks)
+      empty = [self.task_names[t] for t in np.flatnonzero(counts == 0)]
+      if empty:
+        raise ValueError(f"Task(s) {empty} have no {split} examples.")
+
+  @property
+  def num_tasks(self) -> int:
+    """Number of tasks."""
+    return len(self.task_names)
+
+  @property
+  def num_classes(self) -> int:
+    """Number of classes of the shared softmax."""
+    return len(self.class_names)
+
+
+# --------------------------------------------------------------------------
+# CIFAR-100 (TFDS).
+# --------------------------------------------------------------------------
+
+
+def load_cifar100_tasks(data_dir: str | os.PathLike | None = None,
+                        download: bool = True) -> TaskImageData:
+  """Loads multitask CIFAR-100: 20 coarse classes = 20 five-way tasks.
+
+  Labels are the 100 fine labels (one softmax shared by all tasks); the task
+  of an example is its coarse label, and task names are the TFDS coarse class
+  names. Paper: Section 5.1 (following Rosenbaum et al. 2018, Yu et al. 2020).
+
+  Args:
+    data_dir: TFDS data directory (None: the TFDS default, ~/tensorflow_datasets).
+    download: Whether TFDS may download and prepare the dataset if missing.
+
+  Returns:
+    A `TaskImageData` with 50000 train and 10000 test examples.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  splits, info = tfds.load(
+      "cifar100", split=["train", "test"], data_dir=data_dir,
+      download=download, batch_size=-1, with_info=True)
+  arrays = {}
+  for name, split in zip(("train", "test"), tfds.as_numpy(splits)):
+    arrays[f"{name}_images"] = np.asarray(split["image"], np.uint8)
+    arrays[f"{name}_labels"] = np.asarray(split["label"], np.int32)
+    arrays[f"{name}_tasks"] = np.asarray(split["coarse_label"], np.int32)
+  return TaskImageData(
+      task_names=list(info.features["coarse_label"].names),
+      class_names=list(info.features["label"].names),
+      **arrays)
+
+
+# --------------------------------------------------------------------------
+# Pairwise tasks from an ImageFolder (multitask CIFAR-10).
+# --------------------------------------------------------------------------
+
+
+def _scan_image_folder(image_dir: pathlib.Path,
+                       splits: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+  """Lists `{split: {class: [sorted image file names]}}`, validating layout."""
+  if not image_dir.is_dir():
+    raise FileNotFoundError(f"Image directory not found: {str(image_dir)!r}.")
+  available = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
+  listing = {}
+  for split in splits:
+    if split not in available:
+      raise ValueError(
+          f"Split {split!r} missing in {str(image_dir)!r} (expected layout "
+          f"<image_dir>/<split>/<class>/<image>; found splits {available}).")
+    classes = {}
+    for class_dir in sorted(p for p in (image_dir / split).iterdir()
+                            if p.is_dir()):
+      classes[class_dir.name] = sorted(
+          f.name for f in class_dir.iterdir()
+          if f.name.lower().endswith(_IMAGE_EXTENSIONS))
+    if not any(classes.values()):
+      raise ValueError(
+          f"No images ({'/'.join(_IMAGE_EXTENSIONS)}) found under "
+          f"{str(image_dir / split)!r}/<class>/.")
+    listing[split] = classes
+  return listing
+
+
+def _default_cache_dir() -> pathlib.Path:
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return pathlib.Path(root).expanduser() / "ldro" / "imagefolder"
+
+
+def _decode_image_folder(image_dir: pathlib.Path, splits: Sequence[str]
+                         ) -> tuple[list[str], dict[str, np.ndarray]]:
+  """Decodes every image of `splits` with tfds ImageFolder.
+
+  Returns:
+    (class_names, arrays) with `arrays['{split}_images']` uint8 [M, H, W, 3]
+    and `arrays['{split}_labels']` int32 [M], in ImageFolder's (deterministic)
+    example order.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.folder_dataset.ImageFolder(str(image_dir))
+  class_names = list(builder.info.features["label"].names)
+  arrays = {}
+  for split in splits:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda ex: (ex["image"], ex["label"]),
+                num_parallel_calls=tf.data.AUTOTUNE).batch(4096)
+    images, labels = [], []
+    try:
+      for image, label in tfds.as_numpy(ds):
+        images.append(image)
+        labels.append(label)
+    except tf.errors.InvalidArgumentError as e:
+      raise ValueError(
+          f"Could not batch the images of {str(image_dir / split)!r}: all "
+          f"images must be RGB and share one size.\n{e}") from e
+    arrays[f"{split}_images"] = np.concatenate(images).astype(np.uint8)
+    arrays[f"{split}_labels"] = np.concatenate(labels).astype(np.int32)
+  return class_names, arrays
+
+
+def load_imagefolder_pair_tasks(
+    image_dir: str | os.PathLike,
+    pairs: Sequence[tuple[str, str]] = DEFAULT_CIFAR10_PAIRS,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> TaskImageData:
+  """Loads binary "class A vs class B" tasks from an ImageFolder layout.
+
+  The layout is `image_dir/{train,test}/<class>/<image>.{jpg,jpeg,png}` (as
+  `tfds.folder_dataset.ImageFolder`). Every class folder defines one class of
+  the shared softmax, with ids given by the sorted class names (the
+  ImageFolder label ids), even classes that appear in no pair. Task `i` holds
+  all examples of `pairs[i]`; its name is `"a/b"`. A class may appear in
+  several pairs, in which case its examples are duplicated across tasks.
+
+  Decoding is slow (~60k JPEGs for CIFAR-10), so the decoded uint8 arrays of
+  the whole folder (all classes, independent of `pairs`) are cached as an
+  `.npz` in `cache_dir`, keyed by the absolute path of `image_dir` and the
+  list of its image files (adding/removing/renaming files invalidates the
+  cache; editing a file in place does not, so delete the cache then). The
+  cache is written atomically (temporary file + `os.replace`).
+
+  Args:
+    image_dir: Root of the ImageFolder (must contain `train/` and `test/`).
+    pairs: The (class_a, class_b) pair of each task.
+    cache_dir: Cache folder (None: `$XDG_CACHE_HOME/ldro/imagefolder`, i.e.
+      `~/.cache/ldro/imagefolder` by default).
+    use_cache: If False, neither read nor write the cache.
+
+  Returns:
+    A `TaskImageData` with `len(pairs)` tasks.
+
+  Raises:
+    FileNotFoundError: `image_dir` does not exist.
+    ValueError: a split folder is missing or has no images, a pair is
+      malformed or names a class absent from the folder, or a task has no
+      train or test example.
+  """
+  splits = ("train", "test")
+  image_dir = pathlib.Path(image_dir).expanduser().resolve()
+  pairs = [tuple(p) for p in pairs]
+  if not pairs:
+    raise ValueError("`pairs` must contain at least one pair of classes.")
+  listing = _scan_image_folder(image_dir, splits)
+  # ImageFolder's label ids: sorted class folders of *all* split folders.
+  available = sorted({c.name for s in image_dir.iterdir() if s.is_dir()
+                      for c in s.iterdir() if c.is_dir()})
+  for pair in pairs:
+    if len(pair) != 2 or pair[0] == pair[1]:
+      raise ValueError(f"Each pair needs two distinct classes, got {pair}.")
+    missing = [c for c in pair if c not in available]
+    if missing:
+      raise ValueError(
+          f"Class(es) {missing} of pair {pair} not found in "
+          f"{str(image_dir)!r}; available classes: {available}.")
+
+  cache_path = None
+  if use_cache:
+    key = hashlib.sha256(json.dumps(
+        [_CACHE_FORMAT_VERSION, str(image_dir), listing]).encode()).hexdigest()
+    cache_dir = (pathlib.Path(cache_dir).expanduser() if cache_dir is not None
+                 else _default_cache_dir())
+    cache_path = cache_dir / f"{image_dir.name}-{key[:16]}.npz"
+  if cache_path is not None and cache_path.exists():
+    with np.load(cache_path, allow_pickle=False) as npz:
+      class_names = [str(c) for c in npz["class_names"]]
+      arrays = {k: npz[k] for k in npz.files if k != "class_names"}
+  else:
+    class_names, arrays = _decode_image_folder(image_dir, splits)
+    if cache_path is not None:
+      cache_path.parent.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".npz.tmp")
+      try:
+        with os.fdopen(fd, "wb") as f:
+          np.savez(f, class_names=np.asarray(class_names), **arrays)
+        os.replace(tmp, cache_path)
+      except BaseException:
+        if os.path.exists(tmp):
+          os.remove(tmp)
+        raise
+  if class_names != available:  # Sanity check of the label-id convention.
+    raise ValueError(f"ImageFolder classes {class_names} differ from the "
+                     f"class folders {available} of {str(image_dir)!r}.")
+
+  out = {}
+  for split in splits:
+    images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+    index, tasks = [], []
+    for task, pair in enumerate(pairs):
+      ids = [class_names.index(c) for c in pair]
+      idx = np.flatnonzero(np.isin(labels, ids))
+      index.append(idx)
+      tasks.append(np.full(len(idx), task, np.int32))
+    index = np.concatenate(index)
+    out[f"{split}_images"] = images[index]
+    out[f"{split}_labels"] = labels[index].astype(np.int32)
+    out[f"{split}_tasks"] = np.concatenate(tasks)
+  return TaskImageData(task_names=[f"{a}/{b}" for a, b in pairs],
+                       class_names=class_names, **out)
+
+
+# --------------------------------------------------------------------------
+# Batching.
+# --------------------------------------------------------------------------
+
+
+class GroupedBatcher:
+  """Task-grouped training batches, a pure deterministic function of step.
+
+  Each batch holds `per_task_batch = batch_size // num_tasks` examples of
+  every task (e.g. batch_size 128 with 20 tasks gives 6 per task, i.e. 120
+  examples per step; the remainder is dropped). Task `i` reads an infinite
+  stream of its examples made of consecutive epochs, epoch `e` being the
+  permutation `np.random.default_rng((seed, i, e)).permutation(n_i)`; step
+  `s` takes stream positions `[s * b, (s + 1) * b)`, wrapping across epoch
+  boundaries. Hence `batch(step)` depends only on `(seed, step)` (training
+  resumes exactly from any step, in any call order) and every example of a
+  task is seen exactly once per epoch of that task.
+
+  Attributes:
+    num_tasks: Number of tasks N.
+    per_task_batch: Examples per task per step, b.
+    steps_per_epoch: `ceil(max_i n_i / b)`: steps for the largest task to
+      go through all its training examples once (smaller tasks cycle
+      faster). For multitask CIFAR-100, 2500 / 6 -> 417.
+  """
+
+  def __init__(self, data: TaskImageData, batch_size: int, seed: int) -> None:
+    """Splits the training set by task.
+
+    Args:
+      data: The multitask data; only the training split is used.
+      batch_size: Total nominal batch size; must be >= data.num_tasks.
+      seed: Seed of the per-task epoch permutations.
+    """
+    self.num_tasks = data.num_tasks
+    self.per_task_batch = batch_size // data.num_tasks
+    if self.per_task_batch < 1:
+      raise ValueError(f"batch_size {batch_size} < number of tasks "
+                       f"{data.num_tasks}: need at least 1 example per task.")
+    self.seed = int(seed)
+    self._images, self._labels = [], []
+    for task in range(data.num_tasks):
+      idx = np.flatnonzero(data.train_tasks == task)
+      self._images.append(np.ascontiguousarray(data.train_images[idx]))
+      self._labels.append(data.train_labels[idx])
+    self._sizes = [len(l) for l in self._labels]
+    self.steps_per_epoch = -(-max(self._sizes) // self.per_task_batch)
+    self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+  def _permutation(self, task: int, epoch: int) -> np.ndarray:
+    """The example order of `task` in `epoch` (memoised, small cache)."""
+    key = (task, epoch)
+    perm = self._perms.get(key)
+    if perm is None:
+      if len(self._perms) >= 4 * self.num_tasks:
+        self._perms.clear()
+      perm = np.random.default_rng((self.seed, task, epoch)).permutation(
+          self._sizes[task])
+      self._perms[key] = perm
+    return perm
+
+  def task_indices(self, task: int, step: int) -> np.ndarray:
+    """Indices (into the task's training examples) of `task` at `step`.
+
+    Args:
+      task: Task id.
+      step: Non-negative training step.
+
+    Returns:
+      int array [per_task_batch].
+    """
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}.")
+    n, b = self._sizes[task], self.per_task_batch
+    start, stop = step * b, (step + 1) * b
+    parts = []
+    for epoch in range(start // n, (stop - 1) // n + 1):
+      lo, hi = max(start, epoch * n), min(stop, (epoch + 1) * n)
+      parts.append(self._permutation(task, epoch)[lo - epoch * n:hi - epoch * n])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """The training batch of `step`.
+
+    Args:
+      step: Non-negative training step.
+
+    Returns:
+      {'image': float32 [N, b, H, W, C] normalised by `normalize_images`,
+       'label': int32 [N, b] global class ids}; row i holds task i.
+    """
+    images, labels = [], []
+    for task in range(self.num_tasks):
+      idx = self.task_indices(task, step)
+      images.append(self._images[task][idx])
+      labels.append(self._labels[task][idx])
+    return {"image": normalize_images(np.stack(images)),
+            "label": np.stack(labels)}
+
+
+def eval_batches(data: TaskImageData, split: str = "test",
+                 batch_size: int = 1024) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates once, in order, over every example of a split.
+
+  The last batch is smaller when the split size is not a multiple of
+  `batch_size` (no padding / mask), so a jitted eval function compiles at
+  most twice.
+
+  Args:
+    data: The multitask data.
+    split: 'test' or 'train'.
+    batch_size: Maximum number of examples per batch.
+
+  Yields:
+    {'image': float32 [B, H, W, C] (`normalize_images`), 'label': int32 [B],
+     'task': int32 [B]}.
+  """
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  images = getattr(data, f"{split}_images")
+  labels = getattr(data, f"{split}_labels")
+  tasks = getattr(data, f"{split}_tasks")
+  for start in range(0, len(images), batch_size):
+    sl = slice(start, start + batch_size)
+    yield {"image": normalize_images(images[sl]), "label": labels[sl],
+           "task": tasks[sl]}
