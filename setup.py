@@ -8,7 +8,9 @@ setup(
                  "accuracy in multitask learning, in JAX/optax."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ldro", "ldro.*", "experiments", "experiments.*"]),
+    packages=find_packages(include=["ldro", "ldro.*", "experiments", "experiments.*",
+                                    "gin_configs", "gin_configs.*"]),
+    package_data={"gin_configs": ["*.gin", "*/*.gin"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30", "jaxlib>=0.4.30", "flax>=0.10", "optax>=0.2.4", "chex>=0.1.87", "numpy",

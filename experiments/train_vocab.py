@@ -144,7 +144,30 @@ def train(sentences: Dict[str, List[str]], out: str, vocab_size: int,
         num_threads=num_threads,
         minloglevel=1,
     )
+  _normalize_provenance(out + ".model", os.path.basename(out))
   return out + ".model"
+
+
+def _normalize_provenance(model_path: str, prefix: str) -> None:
+  """Replaces the temporary corpus path / output prefix recorded in the model.
+
+  SentencePiece stores ``trainer_spec.input`` and ``model_prefix``; the corpus
+  lives in a random temporary folder, so without this the ``.model`` bytes
+  would differ between otherwise identical runs.
+
+  Args:
+    model_path: ``.model`` file to rewrite in place.
+    prefix: stable value for ``trainer_spec.model_prefix``.
+  """
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  proto = sentencepiece_model_pb2.ModelProto()
+  with open(model_path, "rb") as f:
+    proto.ParseFromString(f.read())
+  del proto.trainer_spec.input[:]
+  proto.trainer_spec.input.append("sampled_training_sentences.txt")
+  proto.trainer_spec.model_prefix = prefix
+  with open(model_path, "wb") as f:
+    f.write(proto.SerializeToString())
 
 
 def report(model_path: str, data_dir: str, languages: Sequence[str]) -> str:

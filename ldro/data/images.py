@@ -165,18 +165,24 @@ def load_cifar100_tasks(data_dir: str | os.PathLike | None = None,
     download: Whether TFDS may download and prepare the dataset if missing.
 
   Returns:
-    A `TaskImageData` with 50000 train and 10000 test examples.
+    A `TaskImageData` with 50000 train and 10000 test examples, in TFDS
+    order.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  splits, info = tfds.load(
+  # Batches of 10k rather than `batch_size=-1`, which relies on the split
+  # sizes recorded in the dataset info (absent under `tfds.testing.mock_data`).
+  datasets, info = tfds.load(
       "cifar100", split=["train", "test"], data_dir=data_dir,
-      download=download, batch_size=-1, with_info=True)
+      download=download, shuffle_files=False, with_info=True)
   arrays = {}
-  for name, split in zip(("train", "test"), tfds.as_numpy(splits)):
-    arrays[f"{name}_images"] = np.asarray(split["image"], np.uint8)
-    arrays[f"{name}_labels"] = np.asarray(split["label"], np.int32)
-    arrays[f"{name}_tasks"] = np.asarray(split["coarse_label"], np.int32)
+  for name, ds in zip(("train", "test"), datasets):
+    chunks = list(tfds.as_numpy(ds.batch(10_000)))
+    for field, key, dtype in (("images", "image", np.uint8),
+                              ("labels", "label", np.int32),
+                              ("tasks", "coarse_label", np.int32)):
+      arrays[f"{name}_{field}"] = np.concatenate(
+          [c[key] for c in chunks]).astype(dtype, copy=False)
   return TaskImageData(
       task_names=list(info.features["coarse_label"].names),
       class_names=list(info.features["label"].names),
@@ -246,7 +252,7 @@ def _decode_image_folder(image_dir: pathlib.Path, splits: Sequence[str]
     except tf.errors.InvalidArgumentError as e:
       raise ValueError(
           f"Could not batch the images of {str(image_dir / split)!r}: all "
-          f"images must be RGB and share one size.\n{e}") from e
+          f"images must have the same height and width.\n{e}") from e
     arrays[f"{split}_images"] = np.concatenate(images).astype(np.uint8)
     arrays[f"{split}_labels"] = np.concatenate(labels).astype(np.int32)
   return class_names, arrays
@@ -327,6 +333,7 @@ def load_imagefolder_pair_tasks(
       try:
         with os.fdopen(fd, "wb") as f:
           np.savez(f, class_names=np.asarray(class_names), **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp creates files readable by owner only.
         os.replace(tmp, cache_path)
       except BaseException:
         if os.path.exists(tmp):

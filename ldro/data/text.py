@@ -246,6 +246,22 @@ class HalvedTextLineDataSource(seqio.TextLineDataSource):
     return ds
 
 
+class Mc4DataSource(seqio.TfdsDataSource):
+  """``seqio.TfdsDataSource`` tolerant of missing TFDS split metadata.
+
+  ``num_input_examples`` returns ``None`` (instead of raising) when the split
+  sizes are unknown, e.g. under ``tfds.testing.mock_data`` or before the
+  dataset is prepared; seqio then skips its in-memory caching decision.
+  """
+
+  def num_input_examples(self, split: str) -> Optional[int]:
+    """Number of examples of ``split`` or ``None`` if unknown."""
+    try:
+      return super().num_input_examples(split)
+    except (KeyError, ValueError):
+      return None
+
+
 # ---------------------------------------------------------- preprocessors ----
 
 
@@ -473,7 +489,7 @@ def register_language_tasks(
     srcs = {}
     for lang in languages:
       split = _mc4_split(lang)
-      srcs[lang] = seqio.TfdsDataSource(
+      srcs[lang] = Mc4DataSource(
           tfds_name=MC4_TFDS_NAME, tfds_data_dir=tfds_data_dir,
           splits={"train": split,
                   "validation": f"{split}-validation[:50%]",
@@ -525,7 +541,11 @@ def register_language_tasks(
 
 
 def _lazy_rate(task: "seqio.Task", alpha: float) -> float:
-  return float(task.num_input_examples("train")) ** alpha
+  n = task.num_input_examples("train")
+  if n is None:
+    raise ValueError(f"Unknown size of {task.name} 'train'; pass sizes= to "
+                     "register_language_tasks.")
+  return float(n) ** alpha
 
 
 # ---------------------------------------------------------- materialising ----
@@ -579,7 +599,8 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
   task = seqio.get_mixture_or_task(task_name)
   lengths = {"targets": sequence_length}
   ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False,
-                        seed=0, num_epochs=1, use_cached=False)
+                        seed=0, num_epochs=1, use_cached=False,
+                        try_in_mem_cache=False)
   if max_examples is not None:
     ds = ds.take(max_examples)
   ds = seqio.DecoderFeatureConverter(pack=True)(ds, lengths)

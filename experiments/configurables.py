@@ -1,0 +1,67 @@
+"""Gin wiring: optax transformations, the task-weighting method, the optimizer.
+
+T5X style: the optimizer is an ``optax.chain`` composed in gin, e.g.::
+
+    METHOD = 'ldro'
+    method.name = %METHOD
+    method.hparams = {'lookahead_lr': %LOOKAHEAD_LR, 'weight_lr': %WEIGHT_LR,
+                      'update_every': %UPDATE_EVERY}
+    optimizer.transforms = [@optax.sgd()]
+    optax.sgd.learning_rate = 0.025
+
+The runner builds ``optax.chain(method(num_tasks=N, ...), *optimizer())``.
+"""
+
+import inspect
+from typing import Any, Optional, Sequence
+
+import gin
+import optax
+
+import ldro
+
+for _fn in (optax.sgd, optax.adam, optax.adamw, optax.adafactor, optax.clip_by_global_norm,
+            optax.cosine_decay_schedule, optax.warmup_cosine_decay_schedule,
+            optax.linear_schedule, optax.constant_schedule, optax.add_decayed_weights,
+            optax.chain):
+  gin.external_configurable(_fn, module="optax")
+
+
+@gin.configurable
+def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
+           baseline_losses: Optional[Sequence[float]] = None, name: str = gin.REQUIRED,
+           hparams: Optional[dict] = None) -> optax.GradientTransformationExtraArgs:
+  """The task-weighting transformation chosen by registry ``name``.
+
+  The runner supplies what only the data knows (``num_tasks``, ``task_sizes``,
+  ``baseline_losses``); each is passed only if the method's factory takes it.
+
+  Args:
+    num_tasks: ``N``.
+    task_sizes: ``|D_i|`` (for ``static_mixing``).
+    baseline_losses: per-task baselines (for ``baselined_dro``).
+    name: registry name (``ldro.method_names()``).
+    hparams: the method's hyper-parameters.
+
+  Returns:
+    The transformation.
+  """
+  hparams = dict(hparams or {})
+  known = ldro.method_names()
+  if name not in known:
+    raise ValueError(f"unknown method {name!r} in the config (method.name); known methods: "
+                     f"{', '.join(known)}.")
+  factory = ldro.registry._lookup(name)[0]  # pylint: disable=protected-access
+  params = inspect.signature(factory).parameters
+  var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  supplied = {"num_tasks": num_tasks, "task_sizes": task_sizes, "baseline_losses": baseline_losses}
+  for k, v in supplied.items():
+    if v is not None and (k in params or (var_kw and k == "num_tasks")):
+      hparams.setdefault(k, v)
+  return ldro.get_method(name, **hparams)
+
+
+@gin.configurable
+def optimizer(transforms: Sequence[optax.GradientTransformation] = gin.REQUIRED) -> list[Any]:
+  """The transformations applied after the task weighting (e.g. ``[sgd]``)."""
+  return list(transforms)

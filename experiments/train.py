@@ -1,0 +1,331 @@
+r"""Trains a multitask model with a gin-selected experiment and method.
+
+    python -m experiments.train --gin_file=gin_configs/synthetic/ldro.gin \
+        --workdir=/tmp/ldro_synthetic [--gin_bindings='train_and_evaluate.num_steps=200']
+
+Without ``--gin_file`` the embedded default (the synthetic experiment with
+online L-DRO) runs. Re-running the same command resumes from the last
+checkpoint in ``--workdir``.
+
+The workdir gets ``config.gin`` (operative config), ``metrics.jsonl`` (one
+JSON object per evaluation), TensorBoard events under ``tb/`` and orbax
+checkpoints under ``checkpoints/``.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ldro
+from ldro import metrics as ldro_metrics
+from ldro import train as ldro_train
+from experiments import configurables
+from experiments import experiment as experiment_lib
+from experiments import sharding
+
+_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings (repeatable).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host: host:port of process 0 (jax.distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False,
+                               "Call jax.distributed.initialize() with the environment's "
+                               "defaults (Cloud TPU pod slices, SLURM, ...).")
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "gin_configs", "synthetic", "ldro.gin")
+
+
+class MetricsWriter:
+  """Appends evaluation records to ``metrics.jsonl`` (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:  # TensorBoard logging is optional
+        self._tb = None
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records with ``step > step`` (written after the checkpoint we resume from)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    keep = []
+    with open(self.path, encoding="utf-8") as f:
+      for line in f:
+        line = line.strip()
+        if not line:
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line from a crash
+          continue
+        if rec["step"] <= step:
+          keep.append(line)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(l + "\n" for l in keep))
+    os.replace(tmp, self.path)
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    if self._tb is not None:
+      step = record["step"]
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k != "step":
+          self._tb.add_scalar(k, v, step)
+      for k in ("task_weights",):
+        for i, x in enumerate(record.get(k, [])):
+          self._tb.add_scalar(f"{k}/{i}", x, step)
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _checkpoint_manager(workdir: str, keep: int):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_train.TrainState, int]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  latest = mngr.latest_step()
+  if latest is None:
+    return state, 0
+
+  def abstract(x, s=None):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if s is not None else x.sharding)
+
+  if shardings is not None:
+    target = jax.tree_util.tree_map(abstract, state, shardings)
+  else:
+    target = jax.tree_util.tree_map(abstract, state)
+  restored = mngr.restore(latest, args=ocp.args.StandardRestore(target))
+  return restored, int(latest)
+
+
+def evaluation_record(exp: experiment_lib.Experiment, state: ldro_train.TrainState,
+                      train_metrics: Optional[dict]) -> dict:
+  """One ``metrics.jsonl`` record: per-task metrics, avg/worst, task weights."""
+  ev = exp.evaluate(state.params)
+  key = f"task_{exp.main_metric}"
+  if key not in ev:
+    raise KeyError(f"experiment.evaluate() must return {key!r}.")
+  avg, worst = ldro_metrics.average_and_worst(ev[key], exp.higher_is_better)
+  record = {"step": int(state.step), f"avg_{exp.main_metric}": avg,
+            f"worst_{exp.main_metric}": worst}
+  record.update(ev)
+  weights = ldro_train._maybe_task_weights(state.opt_state, exp.num_tasks)  # pylint: disable=protected-access
+  record["task_weights"] = [float(x) for x in np.asarray(weights)]
+  if train_metrics is not None:
+    record["train_task_losses"] = [float(x) for x in np.asarray(train_metrics["task_losses"])]
+  return record
+
+
+def _format_line(step, num_steps, rate, exp, record_or_losses) -> str:
+  if isinstance(record_or_losses, dict):
+    m = exp.main_metric
+    return (f"step {step}/{num_steps} | {rate:.1f} steps/s | avg {m} "
+            f"{record_or_losses[f'avg_{m}']:.4f} | worst {m} {record_or_losses[f'worst_{m}']:.4f}")
+  losses = np.asarray(record_or_losses)
+  return (f"step {step}/{num_steps} | {rate:.1f} steps/s | avg train loss {losses.mean():.4f} | "
+          f"worst train loss {losses.max():.4f}")
+
+
+@gin.configurable(denylist=["workdir"])
+def train_and_evaluate(
+    workdir: str,
+    experiment: experiment_lib.Experiment = gin.REQUIRED,
+    num_steps: int = 500,
+    eval_every: int = 50,
+    log_every: int = 50,
+    checkpoint_every: int = 100,
+    keep_checkpoints: int = 2,
+    seed: int = 0,
+    mode: str = "jacobian",
+    gram_strategy: str = "grouped",
+    chunk_size: Optional[int] = None,
+    nonfinite: str = "error",
+    baseline_losses: Optional[Sequence[float]] = None,
+    mesh_shape: Optional[Sequence[int]] = None,
+    quiet: bool = False,
+) -> list[dict]:
+  """Trains and evaluates; resumes from the latest checkpoint in ``workdir``.
+
+  Args:
+    workdir: output directory.
+    experiment: the experiment (tasks, data, model, evaluation).
+    num_steps: total training steps.
+    eval_every: evaluation interval (also at step 0 and at the end).
+    log_every: progress-line interval.
+    checkpoint_every: checkpoint interval (also at the end).
+    keep_checkpoints: checkpoints kept.
+    seed: PRNG seed (initialisation and per-step randomness).
+    mode: ``'jacobian'`` or ``'lean'`` (see :mod:`ldro.train`).
+    gram_strategy: Gram strategy for lean mode.
+    chunk_size: chunk size for the ``chunked`` strategy.
+    nonfinite: ``'error'`` (stop, naming the step and task) or ``'skip'``
+      (skip such steps, keeping params and task weights).
+    baseline_losses: per-task baselines for ``baselined_dro``.
+    mesh_shape: ``(data, fsdp)`` device mesh (default: all devices on
+      ``data``); see :mod:`experiments.sharding`.
+    quiet: suppress progress lines.
+
+  Returns:
+    The evaluation records written during this call.
+  """
+  if nonfinite not in ("error", "skip"):
+    raise ValueError(f"train_and_evaluate.nonfinite must be 'error' or 'skip', got {nonfinite!r}.")
+  for name, v in (("num_steps", num_steps), ("eval_every", eval_every), ("log_every", log_every),
+                  ("checkpoint_every", checkpoint_every)):
+    if int(v) < 1:
+      raise ValueError(f"train_and_evaluate.{name} must be >= 1, got {v}.")
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  exp = experiment
+  n = exp.num_tasks
+  weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
+                                   baseline_losses=baseline_losses)
+  tx = optax.chain(weighting, *configurables.optimizer())
+
+  rng = jax.random.PRNGKey(seed)
+  init_rng, train_rng = jax.random.split(rng)
+  mesh = sharding.make_mesh(mesh_shape)
+  params = exp.init_params(init_rng)
+  state = ldro_train.init_train_state(params, tx, train_rng)
+  state_shardings = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, state_shardings)
+  step_fn = jax.jit(
+      ldro_train.make_train_step(exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy,
+                                 chunk_size=chunk_size),
+      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+
+  mngr = _checkpoint_manager(workdir, keep_checkpoints)
+  state, start = _restore(mngr, state, state_shardings)
+  writer = MetricsWriter(workdir, enabled=is_main)
+  writer.truncate_after(start if start > 0 else -1)
+  say = (lambda s: print(s, flush=True)) if (is_main and not quiet) else (lambda s: None)
+  if start:
+    say(f"resumed from checkpoint at step {start} in {workdir}")
+  if start >= num_steps:
+    say(f"already trained for {start} >= {num_steps} steps")
+  records = []
+  if start == 0:
+    rec = evaluation_record(exp, state, None)
+    writer.write(rec)
+    records.append(rec)
+
+  config_written = False
+  t0, steps_since = time.perf_counter(), 0
+  train_metrics = None
+  for step in range(start, num_steps):
+    batch = sharding.shard_batch(exp.train_batch(step), mesh)
+    state, train_metrics = step_fn(state, batch)
+    steps_since += 1
+    done = step + 1
+    if not config_written and is_main:
+      with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
+        f.write(gin.operative_config_str())
+      config_written = True
+    last = done == num_steps
+    if done % log_every == 0 or done % eval_every == 0 or last:
+      _check_finite(state, exp, nonfinite, say)
+      jax.block_until_ready(train_metrics)
+      rate = steps_since / max(time.perf_counter() - t0, 1e-9)
+      if done % eval_every == 0 or last:
+        rec = evaluation_record(exp, state, jax.device_get(train_metrics))
+        writer.write(rec)
+        records.append(rec)
+        say(_format_line(done, num_steps, rate, exp, rec))
+      else:
+        say(_format_line(done, num_steps, rate, exp,
+                         jax.device_get(train_metrics["task_losses"])))
+      t0, steps_since = time.perf_counter(), 0
+    if done % checkpoint_every == 0 or last:
+      mngr.save(done, args=_save_args(state))
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  return records
+
+
+def _save_args(state):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.args.StandardSave(state)
+
+
+def _check_finite(state, exp, policy, say):
+  count = int(state.nonfinite_count)
+  if count == 0:
+    return
+  s, t = int(state.first_nonfinite_step), int(state.first_nonfinite_task)
+  where = f"task {t} ({exp.task_names[t]})" if t >= 0 else "the update (gradients)"
+  msg = f"non-finite loss or gradient at step {s} in {where}"
+  if policy == "error":
+    raise FloatingPointError(msg + "; the step was not applied. Set "
+                             "train_and_evaluate.nonfinite='skip' to skip such steps.")
+  say(f"warning: {count} step(s) skipped; first: {msg}")
+
+
+def run_from_flags(argv: Sequence[str]) -> None:
+  """Parses gin from the flags and runs :func:`train_and_evaluate`."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _COORDINATOR.value or _MULTIHOST.value:
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  gin_files = _GIN_FILE.value or [DEFAULT_CONFIG]
+  for path in gin_files:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"gin file not found: {path}")
+  gin.parse_config_files_and_bindings(gin_files, _GIN_BINDINGS.value)
+  workdir = _WORKDIR.value or os.path.join("workdirs", os.path.splitext(
+      os.path.basename(gin_files[-1]))[0])
+  records = train_and_evaluate(workdir)
+  if records and jax.process_index() == 0:
+    last = records[-1]
+    exp_metric = [k for k in last if k.startswith("avg_")][0][4:]
+    print(f"final (step {last['step']}): average {exp_metric} {last['avg_' + exp_metric]:.4f}, "
+          f"worst {exp_metric} {last['worst_' + exp_metric]:.4f}; workdir {workdir}", flush=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  try:
+    run_from_flags(argv)
+  except (ValueError, KeyError, TypeError, FileNotFoundError, FloatingPointError,
+          NotImplementedError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    print(f"error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
