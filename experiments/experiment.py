@@ -51,6 +51,10 @@ class Experiment(abc.ABC):
   def train_batch(self, step: int) -> PyTree:
     """Task-grouped training batch for ``step`` (pure function of the step)."""
 
+  def plain_loss(self, params: PyTree, batch: PyTree, rng: jax.Array):
+    """``(loss, {'task_losses': [N]})`` on an ordinary batch (``mode='plain'``)."""
+    raise NotImplementedError(f"{type(self).__name__} does not support mode='plain'.")
+
   @abc.abstractmethod
   def evaluate(self, params: PyTree) -> dict:
     """Evaluation: ``{'task_<main_metric>': [N] list, ...}`` (JSON-able)."""

@@ -141,7 +141,9 @@ def evaluation_record(exp: experiment_lib.Experiment, state: ldro_train.TrainSta
   record = {"step": int(state.step), f"avg_{exp.main_metric}": avg,
             f"worst_{exp.main_metric}": worst}
   record.update(ev)
-  weights = ldro_train._maybe_task_weights(state.opt_state, exp.num_tasks)  # pylint: disable=protected-access
+  weights = getattr(exp, "sampling_rates", None)  # plain mode: the data mixture's rates
+  if weights is None:
+    weights = ldro_train._maybe_task_weights(state.opt_state, exp.num_tasks)  # pylint: disable=protected-access
   record["task_weights"] = [float(x) for x in np.asarray(weights)]
   if train_metrics is not None:
     record["train_task_losses"] = [float(x) for x in np.asarray(train_metrics["task_losses"])]
@@ -187,7 +189,9 @@ def train_and_evaluate(
     checkpoint_every: checkpoint interval (also at the end).
     keep_checkpoints: checkpoints kept.
     seed: PRNG seed (initialisation and per-step randomness).
-    mode: ``'jacobian'`` or ``'lean'`` (see :mod:`ldro.train`).
+    mode: ``'jacobian'`` or ``'lean'`` (see :mod:`ldro.train`), or ``'plain'``:
+      ordinary training on ``experiment.plain_loss`` with the experiment's own
+      batches (e.g. static mixing by sampling rates); no weighting method.
     gram_strategy: Gram strategy for lean mode.
     chunk_size: chunk size for the ``chunked`` strategy.
     nonfinite: ``'error'`` (stop, naming the step and task) or ``'skip'``
@@ -210,9 +214,15 @@ def train_and_evaluate(
   is_main = jax.process_index() == 0
   exp = experiment
   n = exp.num_tasks
-  weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
-                                   baseline_losses=baseline_losses)
-  tx = optax.chain(weighting, *configurables.optimizer())
+  if mode == "plain":  # ordinary training on the experiment's own (e.g. mixture) batches
+    tx = optax.chain(*configurables.optimizer())
+    step_builder = lambda: ldro_train.make_plain_step(exp.plain_loss, tx, n)
+  else:
+    weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
+                                     baseline_losses=baseline_losses)
+    tx = optax.chain(weighting, *configurables.optimizer())
+    step_builder = lambda: ldro_train.make_train_step(
+        exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size)
 
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -222,8 +232,7 @@ def train_and_evaluate(
   state_shardings = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_shardings)
   step_fn = jax.jit(
-      ldro_train.make_train_step(exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy,
-                                 chunk_size=chunk_size),
+      step_builder(),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
       donate_argnums=0)
 
