@@ -17,8 +17,13 @@ def tiny():
                            head_dim=16, mlp_dim=64)
   model = dec.Decoder(cfg)
   tokens = jnp.asarray(np.random.RandomState(0).randint(1, VOCAB, (2, 12)))
-  variables = model.init(jax.random.PRNGKey(0), tokens)
-  return model, variables
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+  return model, variables, _jit_apply(model)
+
+
+def _jit_apply(model):
+  """Jitted ``model.apply`` (eager Flax dispatch is slow on small CPUs)."""
+  return jax.jit(model.apply, static_argnames=("enable_dropout",))
 
 
 def test_named_configs():
@@ -48,9 +53,9 @@ def test_relative_position_bucket_hand_values():
 
 
 def test_shapes_and_no_bias(tiny):
-  model, variables = tiny
+  _, variables, apply = tiny
   tokens = jnp.ones((3, 7), jnp.int32)
-  logits = model.apply(variables, tokens)
+  logits = apply(variables, tokens)
   assert logits.shape == (3, 7, VOCAB) and logits.dtype == jnp.float32
   names = [tuple(getattr(k, "key", k) for k in path)
            for path, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
@@ -60,59 +65,52 @@ def test_shapes_and_no_bias(tiny):
   assert "logits_dense" in variables["params"]
 
 
-def test_tied_embedding_and_bf16():
-  cfg = dec.decoder_config("tiny", VOCAB, emb_dim=32, num_heads=2, head_dim=16,
-                           mlp_dim=64, logits_via_embedding=True, dtype=jnp.bfloat16)
-  model = dec.Decoder(cfg)
-  tokens = jnp.ones((1, 5), jnp.int32)
-  variables = model.init(jax.random.PRNGKey(1), tokens)
-  assert "logits_dense" not in variables["params"]
-  logits = model.apply(variables, tokens)
-  assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
-
-
 def test_causal_masking(tiny):
-  model, variables = tiny
+  _, variables, apply = tiny
   tokens = np.random.RandomState(1).randint(1, VOCAB, (1, 10))
   t = 6
   changed = tokens.copy()
   changed[0, t] = (changed[0, t] % (VOCAB - 1)) + 1
-  a = model.apply(variables, jnp.asarray(tokens))
-  b = model.apply(variables, jnp.asarray(changed))
+  a = apply(variables, jnp.asarray(tokens))
+  b = apply(variables, jnp.asarray(changed))
   np.testing.assert_allclose(a[0, :t], b[0, :t], atol=1e-5)
   assert np.abs(np.asarray(a[0, t:] - b[0, t:])).max() > 1e-3
 
 
 def test_packing_segments_are_independent(tiny):
-  model, variables = tiny
+  _, variables, apply = tiny
   rng = np.random.RandomState(2)
   seg1, seg2 = rng.randint(1, VOCAB, 4), rng.randint(1, VOCAB, 5)
   tokens = np.concatenate([seg1, seg2, [0, 0]])[None]
   segs = np.array([[1] * 4 + [2] * 5 + [0, 0]])
   pos = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 0]])
-  packed = model.apply(variables, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos))
-  alone = model.apply(variables, jnp.asarray(seg2[None]))
+  packed = apply(variables, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos))
+  alone = apply(variables, jnp.asarray(seg2[None]))
   np.testing.assert_allclose(packed[0, 4:9], alone[0], atol=1e-4)
   other = tokens.copy()
   other[0, :4] = rng.randint(1, VOCAB, 4)
-  packed2 = model.apply(variables, jnp.asarray(other), jnp.asarray(segs), jnp.asarray(pos))
+  packed2 = apply(variables, jnp.asarray(other), jnp.asarray(segs), jnp.asarray(pos))
   np.testing.assert_allclose(packed[0, 4:9], packed2[0, 4:9], atol=1e-5)
   # Without positions the arange-based bias is identical within segments.
-  no_pos = model.apply(variables, jnp.asarray(tokens), jnp.asarray(segs))
+  no_pos = apply(variables, jnp.asarray(tokens), jnp.asarray(segs))
   np.testing.assert_allclose(packed[0, :9], no_pos[0, :9], atol=1e-4)
 
 
-def test_dropout_needs_rng_and_changes_output():
+def test_tied_embedding_bf16_and_dropout():
   cfg = dec.decoder_config("tiny", VOCAB, emb_dim=32, num_heads=2, head_dim=16,
-                           mlp_dim=64, dropout_rate=0.5)
+                           mlp_dim=64, logits_via_embedding=True,
+                           dtype=jnp.bfloat16, dropout_rate=0.5)
   model = dec.Decoder(cfg)
   tokens = jnp.ones((2, 6), jnp.int32)
-  variables = model.init(jax.random.PRNGKey(0), tokens)
-  a = model.apply(variables, tokens)
-  b = model.apply(variables, tokens, enable_dropout=True,
-                  rngs={"dropout": jax.random.PRNGKey(3)})
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+  assert "logits_dense" not in variables["params"]
+  apply = _jit_apply(model)
+  a = apply(variables, tokens)
+  assert a.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(a)))
+  b = apply(variables, tokens, enable_dropout=True,
+            rngs={"dropout": jax.random.PRNGKey(3)})
   assert np.abs(np.asarray(a - b)).max() > 1e-3
-  np.testing.assert_allclose(a, model.apply(variables, tokens), atol=0)
+  np.testing.assert_allclose(a, apply(variables, tokens), atol=0)
 
 
 def _np_ce(logits, targets):
@@ -170,7 +168,7 @@ def test_per_task_token_loss_grouped_and_mixture():
 
 
 def test_grouped_train_step_decreases_loss(tiny):
-  model, variables = tiny
+  model, variables, _ = tiny
   rng = np.random.RandomState(3)
   n, b, length = 3, 2, 8
   targets = rng.randint(1, VOCAB, (n, b, length))

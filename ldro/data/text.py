@@ -57,7 +57,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -222,7 +221,9 @@ class HalvedTextLineDataSource(seqio.TextLineDataSource):
         split_to_filepattern={"train": list(train_files),
                               "validation": self._eval_files,
                               "test": self._eval_files},
-        num_input_examples=num)
+        num_input_examples=num,
+        # seqio's offline cache would read whole eval files, not the halves.
+        caching_permitted=False)
 
   def get_dataset(self, split: str = "train", shuffle: bool = True,
                   seed: Optional[int] = None, shard_info=None, *,
@@ -252,7 +253,18 @@ class Mc4DataSource(seqio.TfdsDataSource):
   ``num_input_examples`` returns ``None`` (instead of raising) when the split
   sizes are unknown, e.g. under ``tfds.testing.mock_data`` or before the
   dataset is prepared; seqio then skips its in-memory caching decision.
+  ``split_map`` records the seqio split -> TFDS split mapping.
   """
+
+  def __init__(self, splits: Mapping[str, str], **kwargs: Any):
+    """Builds the source.
+
+    Args:
+      splits: seqio split -> TFDS split (or slice) name.
+      **kwargs: other ``seqio.TfdsDataSource`` arguments (``tfds_name``, ...).
+    """
+    self.split_map = dict(splits)
+    super().__init__(splits=dict(splits), **kwargs)
 
   def num_input_examples(self, split: str) -> Optional[int]:
     """Number of examples of ``split`` or ``None`` if unknown."""
@@ -616,7 +628,7 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
   if path:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **out)
+    np.savez_compressed(tmp, **out)
     os.replace(tmp, path)
   return out
 

@@ -8,7 +8,10 @@ Model of the multilingual language-modelling experiment (paper section 5.2.1:
   projection to the vocabulary (T5 1.1 / mT5; ``logits_via_embedding=True``
   ties them and scales the logits by ``1/sqrt(emb_dim)`` as in T5X);
 * T5 relative position bias (unidirectional buckets, one bias table shared by
-  all layers), computed from ``decoder_positions`` when given;
+  all layers), computed from ``decoder_positions`` when given (a ``[B, H, L,
+  L]`` bias); without them it is the T5X ``[1, H, L, L]`` bias from
+  ``arange(L)``, which is identical inside contiguous packed segments and
+  uses less memory at paper scale;
 * pre-RMSNorm residual blocks, causal multi-head self-attention that respects
   packing (no attention across ``decoder_segment_ids``), gated-GELU MLP
   (``gelu(x W0) * (x W1)``), no biases anywhere, dropout as in T5X;
