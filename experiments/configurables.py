@@ -47,6 +47,9 @@ def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
     The transformation.
   """
   hparams = dict(hparams or {})
+  if "num_tasks" in hparams and int(hparams["num_tasks"]) != int(num_tasks):
+    raise ValueError(f"method.hparams sets num_tasks={hparams['num_tasks']}, but the experiment "
+                     f"has {num_tasks} tasks (leave num_tasks out; the runner supplies it).")
   known = ldro.method_names()
   if name not in known:
     raise ValueError(f"unknown method {name!r} in the config (method.name); known methods: "

@@ -70,6 +70,12 @@ class SyntheticExperiment(Experiment):
   for the outlier and stalls on the disc at an angle far from the cluster,
   which makes the average-loss, DRO and L-DRO trajectories separate visibly. ``loss_noise``/``grad_noise`` > 0 give the
   noisy variant of Figure 2c.
+
+  Test hook (fault injection, see :mod:`experiments.faults`): with
+  ``nan_at_step=s`` the loss of task ``nan_task`` is NaN (and so are its
+  gradients) at training step ``s`` (0-based; the step that takes the state
+  from ``s`` to ``s + 1``). Evaluation is unaffected. Default ``None``: off,
+  and the batch and loss are exactly those without the hook.
   """
 
   main_metric = "loss"
@@ -77,9 +83,15 @@ class SyntheticExperiment(Experiment):
 
   def __init__(self, num_cluster: int = 10, spread: float = 0.15, radius: float = 1.25,
                start_r: float = 1.5, start_phi: float = 2.6, loss_noise: float = 0.0,
-               grad_noise: float = 0.0, seed: int = 0):
+               grad_noise: float = 0.0, seed: int = 0, nan_at_step: Optional[int] = None,
+               nan_task: int = 0):
     self.tasks = synthetic.make_tasks(num_cluster, spread, radius, seed=seed)
     self.task_names = [f"cluster{i}" for i in range(num_cluster)] + ["outlier"]
+    if nan_at_step is not None and not 0 <= int(nan_task) < len(self.task_names):
+      raise ValueError(f"SyntheticExperiment.nan_task must be in [0, {len(self.task_names)}), "
+                       f"got {nan_task}.")
+    self.nan_at_step = None if nan_at_step is None else int(nan_at_step)
+    self.nan_task = int(nan_task)
     self.start = (float(start_r), float(start_phi))
     self.loss_noise, self.grad_noise = float(loss_noise), float(grad_noise)
     self._points = jnp.asarray(self.tasks.points)
@@ -97,11 +109,18 @@ class SyntheticExperiment(Experiment):
                                        rng, self.loss_noise, self.grad_noise)
     else:
       loss = synthetic.task_loss(params, task_batch["point"], outlier, self.tasks.radius)
+    if "poison" in task_batch:  # fault-injection hook: 0, or NaN for the poisoned task
+      loss = loss * (1.0 + task_batch["poison"])
     return loss, {}
 
   def train_batch(self, step):
-    del step
-    return {"point": self.tasks.points}
+    batch = {"point": self.tasks.points}
+    if self.nan_at_step is not None:
+      poison = np.zeros((self.num_tasks,), np.float32)
+      if int(step) == self.nan_at_step:
+        poison[self.nan_task] = np.nan
+      batch["poison"] = poison
+    return batch
 
   def _eval_losses(self, params):
     outlier = jnp.asarray(self.tasks.outlier)

@@ -52,14 +52,15 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 class MetricsWriter:
   """Appends evaluation records to ``metrics.jsonl`` (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, purge_step: Optional[int] = None):
+    """``purge_step``: on resume, TensorBoard drops older events at steps >= it."""
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
     self._tb = None
     if enabled:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge_step)
       except ImportError:  # TensorBoard logging is optional
         self._tb = None
 
@@ -108,15 +109,27 @@ class MetricsWriter:
 
 def _checkpoint_manager(workdir: str, keep: int):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # cleanup_tmp_directories: remove checkpoints half-written by a killed run
+  # (``<step>.orbax-checkpoint-tmp-*``); they are never restored from.
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=options)
 
 
 def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_train.TrainState, int]:
+  """Restores the newest readable checkpoint (``(state, 0)`` if there is none).
+
+  Half-written checkpoints (orbax's tmp directories) are never listed. A
+  finalized checkpoint that cannot be read (damaged files) is skipped with a
+  warning in favour of the previous one, and moved to
+  ``<workdir>/checkpoints_unreadable/`` so the run can save that step again;
+  this happens only if an older checkpoint restores, so a config that does not
+  match the checkpoints (e.g. another model) is an error and moves nothing.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  latest = mngr.latest_step()
-  if latest is None:
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     return state, 0
 
   def abstract(x, s=None):
@@ -126,14 +139,44 @@ def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_t
     target = jax.tree_util.tree_map(abstract, state, shardings)
   else:
     target = jax.tree_util.tree_map(abstract, state)
-  restored = mngr.restore(latest, args=ocp.args.StandardRestore(target))
-  return restored, int(latest)
+  failed = []
+  for step in steps:
+    try:
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+      if int(restored.step) != int(step):
+        raise ValueError(f"checkpoint {step} holds a state at step {int(restored.step)}")
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((step, e))
+      continue
+    if failed and jax.process_index() == 0:
+      aside = os.path.join(os.path.dirname(str(mngr.directory)), "checkpoints_unreadable")
+      os.makedirs(aside, exist_ok=True)
+      for bad, e in failed:
+        src = os.path.join(str(mngr.directory), str(bad))
+        dst = os.path.join(aside, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.isdir(src):
+          os.replace(src, dst)
+        print(f"warning: checkpoint {bad} is unreadable ({type(e).__name__}: "
+              f"{_first_line(e)[:200]}); moved to {dst}; resuming from checkpoint {step}",
+              file=sys.stderr, flush=True)
+      mngr.reload()
+    return restored, int(step)
+  step, e = failed[0]
+  raise ValueError(
+      f"no checkpoint in {mngr.directory} (steps {steps}) can be restored into this run's state; "
+      f"was the workdir written with another config? Checkpoint {step}: {type(e).__name__}: "
+      f"{_first_line(e)[:300]}")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else repr(e)
 
 
 def evaluation_record(exp: experiment_lib.Experiment, state: ldro_train.TrainState,
                       train_metrics: Optional[dict]) -> dict:
   """One ``metrics.jsonl`` record: per-task metrics, avg/worst, task weights."""
-  ev = exp.evaluate(state.params)
+  ev = exp.evaluate(sharding.host_local(state.params))
   key = f"task_{exp.main_metric}"
   if key not in ev:
     raise KeyError(f"experiment.evaluate() must return {key!r}.")
@@ -212,17 +255,19 @@ def train_and_evaluate(
       raise ValueError(f"train_and_evaluate.{name} must be >= 1, got {v}.")
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
+  lock = _lock_workdir(workdir) if is_main else None  # one run per workdir at a time
   exp = experiment
   n = exp.num_tasks
   if mode == "plain":  # ordinary training on the experiment's own (e.g. mixture) batches
     tx = optax.chain(*configurables.optimizer())
-    step_builder = lambda: ldro_train.make_plain_step(exp.plain_loss, tx, n)
+    step_builder = lambda ps: ldro_train.make_plain_step(exp.plain_loss, tx, n, param_shardings=ps)
   else:
     weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
                                      baseline_losses=baseline_losses)
     tx = optax.chain(weighting, *configurables.optimizer())
-    step_builder = lambda: ldro_train.make_train_step(
-        exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size)
+    step_builder = lambda ps: ldro_train.make_train_step(
+        exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
+        param_shardings=ps)
 
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -232,13 +277,15 @@ def train_and_evaluate(
   state_shardings = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_shardings)
   step_fn = jax.jit(
-      step_builder(),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+      step_builder(state_shardings.params),
+      in_shardings=(state_shardings, None),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=0)
 
   mngr = _checkpoint_manager(workdir, keep_checkpoints)
   state, start = _restore(mngr, state, state_shardings)
-  writer = MetricsWriter(workdir, enabled=is_main)
+  # Records after the checkpoint are rewritten: drop them (and their TB events).
+  writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1 if start > 0 else 0)
   writer.truncate_after(start if start > 0 else -1)
   say = (lambda s: print(s, flush=True)) if (is_main and not quiet) else (lambda s: None)
   if start:
@@ -255,13 +302,16 @@ def train_and_evaluate(
   t0, steps_since = time.perf_counter(), 0
   train_metrics = None
   for step in range(start, num_steps):
-    batch = sharding.shard_batch(exp.train_batch(step), mesh)
+    # Multi-host: each process keeps its slice (sharding.process_slice) of the global batch.
+    batch = sharding.shard_batch(exp.train_batch(step), mesh, task_grouped=mode != "plain")
     state, train_metrics = step_fn(state, batch)
     steps_since += 1
     done = step + 1
     if not config_written and is_main:
-      with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-        f.write(gin.operative_config_str())
+      config_path = os.path.join(workdir, "config.gin")
+      with open(config_path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never
+        f.write(gin.operative_config_str())                        # leaves a torn file
+      os.replace(config_path + ".tmp", config_path)
       config_written = True
     last = done == num_steps
     if done % log_every == 0 or done % eval_every == 0 or last:
@@ -282,7 +332,46 @@ def train_and_evaluate(
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
+  _unlock_workdir(lock)
   return records
+
+
+_WORKDIR_LOCKS: dict[str, Any] = {}
+
+
+def _lock_workdir(workdir: str) -> str:
+  """Takes an exclusive lock on ``<workdir>/.lock`` (released when the process dies).
+
+  Two runs writing one workdir (e.g. a killed sweep's orphaned run and its
+  restart) would corrupt its checkpoints and metrics; the second one stops.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.abspath(workdir), ".lock")
+  old = _WORKDIR_LOCKS.pop(path, None)
+  if old is not None:  # left by an earlier call of this process that raised
+    old.close()
+  f = open(path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise BlockingIOError(f"workdir {workdir} is in use by a running training process "
+                          f"({holder}); two runs must not share a workdir.") from None
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+  f.flush()
+  _WORKDIR_LOCKS[path] = f
+  return path
+
+
+def _unlock_workdir(path: Optional[str]) -> None:
+  f = _WORKDIR_LOCKS.pop(path, None) if path else None
+  if f is not None:
+    f.close()
 
 
 def _save_args(state):
@@ -307,14 +396,15 @@ def run_from_flags(argv: Sequence[str]) -> None:
   """Parses gin from the flags and runs :func:`train_and_evaluate`."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if _COORDINATOR.value or _MULTIHOST.value:
+  if (_COORDINATOR.value or _MULTIHOST.value or _NUM_PROCESSES.value is not None
+      or _PROCESS_ID.value is not None):  # before any other JAX call
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   gin.add_config_file_search_path(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   gin_files = _GIN_FILE.value or [DEFAULT_CONFIG]
   for path in gin_files:
     if not os.path.exists(path):
       raise FileNotFoundError(f"gin file not found: {path}")
-  gin.parse_config_files_and_bindings(gin_files, _GIN_BINDINGS.value)
+  _parse_gin(gin_files, _GIN_BINDINGS.value)
   workdir = _WORKDIR.value or os.path.join("workdirs", os.path.splitext(
       os.path.basename(gin_files[-1]))[0])
   records = train_and_evaluate(workdir)
@@ -325,11 +415,31 @@ def run_from_flags(argv: Sequence[str]) -> None:
           f"worst {exp_metric} {last['worst_' + exp_metric]:.4f}; workdir {workdir}", flush=True)
 
 
+def _parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+  """``gin.parse_config_files_and_bindings`` with syntax errors as one-line ValueErrors."""
+  import tokenize  # pylint: disable=g-import-not-at-top
+  from gin import config_parser  # pylint: disable=g-import-not-at-top
+  try:
+    gin.parse_config_files_and_bindings(gin_files, bindings)
+  except (SyntaxError, tokenize.TokenError) as e:
+    msg = e.msg if isinstance(e, SyntaxError) else str(e.args[0])
+    where = f"{e.filename}, line {e.lineno}" if getattr(e, "filename", None) else None
+    if where is None:  # gin does not say which --gin_bindings failed: find it
+      for b in bindings:
+        try:
+          list(config_parser.ConfigParser(b, gin.config.ParserDelegate(skip_unknown=True)))
+        except (SyntaxError, tokenize.TokenError):
+          where = f"--gin_bindings={b!r}"
+          break
+    raise ValueError(f"cannot parse the gin config ({where or 'gin files/bindings'}): "
+                     f"{msg}") from None
+
+
 def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
     run_from_flags(argv)
-  except (ValueError, KeyError, TypeError, FileNotFoundError, FloatingPointError,
+  except (ValueError, KeyError, TypeError, OSError, FloatingPointError,
           NotImplementedError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     print(f"error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)

@@ -206,7 +206,13 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float):
   ``min_{mu >= 0} logsumexp(-L^T mu) + cap * sum(mu)`` with
   ``w(mu) = softmax(-L^T mu)``; gradient ``cap - L w``, Hessian
   ``L (diag w - w w^T) L^T``. Bound constraints are handled by a projected
-  Newton method (Bertsekas 1982) with a vectorised Armijo line search.
+  Newton method (Bertsekas 1982) with a vectorised Armijo line search. The
+  damped free-variable Hessian is positive definite, so the Newton system is
+  solved by Cholesky. Callers should centre the game (``L - V`` and
+  ``cap - V``, the same set since ``sum(w) = 1``): in float32 the constraint
+  values ``(L w)_i - cap`` are then computed without cancellation against the
+  game value ``V``, which is what lets Newton converge in tens of iterations
+  rather than stalling at the iteration limit.
   """
   n = L.shape[0]
   hp = jax.lax.Precision.HIGHEST
@@ -240,7 +246,8 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float):
     damping = 1e-9 * scale * scale + 1e-6 * jnp.max(jnp.abs(jnp.diag(H)))
     Hf = jnp.where(free[:, None] & free[None, :], H, 0.0)
     Hf = Hf + jnp.diag(jnp.where(free, damping, 1.0))
-    d = jnp.linalg.solve(Hf, jnp.where(free, -g, 0.0))
+    d = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(Hf, lower=True),
+                                   jnp.where(free, -g, 0.0))
     f0 = dual(mu)
     cands = jnp.maximum(mu[None, :] + alphas[:, None] * d[None, :], 0.0)
     fs = jax.vmap(dual)(cands)
@@ -277,7 +284,9 @@ def maxent_nash_with_info(
   2. Among the (near-)optimal training weights
      ``W* = {w in simplex : max_i (L w)_i <= V + slack * max(1, |L|)}``, the one
      of highest entropy (section 2.5's maximum-entropy principle), by projected
-     Newton on the smooth dual ``min_{mu>=0} logsumexp(-L^T mu) + cap 1^T mu``.
+     Newton on the smooth dual ``min_{mu>=0} logsumexp(-L^T mu) + cap 1^T mu``
+     of the centred game ``L - V``, aiming at half the slack so that float
+     round-off does not push the point out of ``W*``.
   3. A guard: if the Newton point exceeds the cap (not converged), it is mixed
      with ``w_lp`` by the smallest amount that restores ``payoff <= cap``, so
      the returned ``w`` is always optimal to ``slack``; the flags in the
@@ -301,12 +310,20 @@ def maxent_nash_with_info(
     max_lp_iters = 20 * n + 50
   tol = 1e-12 if L.dtype == jnp.float64 else 1e-7
   hp = jax.lax.Precision.HIGHEST
+  # The equilibria are invariant to positive scaling of L: solve on L / scale
+  # with entries in [-1, 1] (bitwise the same game when max|L| <= 1), so huge
+  # payoffs (e.g. 1e30) neither lose the LP's ``+1`` shift to round-off nor
+  # overflow the dual's exponentials.
   scale = jnp.maximum(1.0, jnp.max(jnp.abs(L)))
-  w_lp, v, lp_iters, lp_ok = _simplex_game(L, max_lp_iters, tol * scale)
+  L_full, L = L, L / scale
+  w_lp, v, lp_iters, lp_ok = _simplex_game(L, max_lp_iters, tol)
   value = jnp.max(jnp.matmul(L, w_lp, precision=hp))
-  cap = value + slack * scale
+  cap = value + slack
+  # Newton on the centred game L - V (the same feasible set; no float32
+  # cancellation against V), aiming at half the slack: the other half is a
+  # margin for round-off, so the guard below rarely has to mix in w_lp.
   w_ent, newton_iters, ent_ok = _maxent_dual_newton(
-      L, cap, max_newton_iters, 1e-9 if L.dtype == jnp.float64 else 1e-6)
+      L - value, 0.5 * slack, max_newton_iters, 1e-9 if L.dtype == jnp.float64 else 1e-6)
   # Guard: smallest t in [0, 1] with max_i (L((1-t) w_ent + t w_lp))_i <= cap.
   p_ent = jnp.matmul(L, w_ent, precision=hp)
   p_lp = jnp.matmul(L, w_lp, precision=hp)
@@ -317,8 +334,8 @@ def maxent_nash_with_info(
   w = (1.0 - t) * w_ent + t * w_lp
   w = jnp.clip(w, 0.0, None)
   w = w / jnp.sum(w)
-  payoff = jnp.max(jnp.matmul(L, w, precision=hp))
-  return NashInfo(w=w, v=v, value=value, payoff=payoff, lp_converged=lp_ok,
+  payoff = jnp.max(jnp.matmul(L_full, w, precision=hp))
+  return NashInfo(w=w, v=v, value=value * scale, payoff=payoff, lp_converged=lp_ok,
                   entropy_converged=ent_ok, lp_iterations=lp_iters,
                   newton_iterations=newton_iters)
 

@@ -22,6 +22,13 @@ state (task weights, interaction matrix) are kept. The state counts skipped
 steps and remembers the first bad step and task, so a driver can stop with a
 clear message (``nonfinite='error'``) or carry on (``'skip'``) by reading them
 at its logging interval.
+
+Sharding: the step is written for the *global* batch, so under ``jax.jit``
+with sharded inputs (data parallel, FSDP) the per-task losses, gradients and
+Gram matrix are global. ``param_shardings`` (optional, e.g. the
+``NamedSharding`` s of the parameters) pins the per-task gradients
+``[N, ...]`` to the parameters' sharding (task axis replicated) and the
+update to the parameters' sharding, with ``jax.lax.with_sharding_constraint``.
 """
 
 from typing import Any, Callable, NamedTuple, Optional
@@ -29,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ldro import lookahead
 from ldro import weighting
@@ -107,6 +115,26 @@ def _finish(state: TrainState, new_params, new_opt_state, losses, updates, extra
   return new_state, metrics
 
 
+def _stacked(sharding):
+  """The sharding of ``[N, *shape]`` given that of ``shape`` (task axis replicated)."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  if isinstance(sharding, PartitionSpec):
+    return PartitionSpec(None, *sharding)
+  raise TypeError("param_shardings leaves must be NamedSharding or PartitionSpec, got "
+                  f"{type(sharding).__name__}.")
+
+
+def _constrain(tree: PyTree, shardings: Optional[PyTree], stacked: bool = False) -> PyTree:
+  """``with_sharding_constraint`` (a no-op without shardings)."""
+  if shardings is None:
+    return tree
+  if stacked:
+    shardings = jax.tree_util.tree_map(_stacked, shardings,
+                                       is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.lax.with_sharding_constraint(tree, shardings)
+
+
 def make_train_step(
     task_loss_fn: Callable[..., tuple[Array, Any]],
     tx: optax.GradientTransformationExtraArgs,
@@ -114,6 +142,7 @@ def make_train_step(
     mode: str = "jacobian",
     gram_strategy: str = "grouped",
     chunk_size: Optional[int] = None,
+    param_shardings: Optional[PyTree] = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   """Builds the multitask train step (pure; wrap it in ``jax.jit``).
 
@@ -128,6 +157,9 @@ def make_train_step(
     mode: ``'jacobian'`` or ``'lean'`` (see the module docstring).
     gram_strategy: Gram strategy for lean mode's refresh steps.
     chunk_size: tasks per chunk for ``gram_strategy='chunked'``.
+    param_shardings: optional pytree like the params of ``NamedSharding`` (or
+      ``PartitionSpec``, under a mesh): per-task gradients are constrained to
+      it (with a replicated task axis), and so is the update.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; metrics hold ``task_losses``
@@ -156,6 +188,7 @@ def make_train_step(
     if mode == "jacobian":
       (losses, aux), task_grads = jax.vmap(
           jax.value_and_grad(one_task, has_aux=True), in_axes=(None, 0))(state.params, sliced)
+      task_grads = _constrain(task_grads, param_shardings, stacked=True)
       mask = _task_mask(aux)
       updates, opt_state = tx.update(task_grads, state.opt_state, state.params,
                                      task_losses=losses, task_mask=mask, key=tx_key)
@@ -169,6 +202,7 @@ def make_train_step(
       updates, opt_state = tx.update(None, state.opt_state, state.params, task_losses=losses,
                                      task_mask=mask, key=tx_key, task_vjp=vjp_fn,
                                      gram_fn=gram_fn)
+    updates = _constrain(updates, param_shardings)
     new_params = optax.apply_updates(state.params, updates)
     extra = {k: v for k, v in aux.items()} if isinstance(aux, dict) else {}
     return _finish(state, new_params, opt_state, losses, updates, extra)
@@ -186,6 +220,8 @@ def make_plain_step(
     loss_fn: Callable[..., tuple[Array, Any]],
     tx: optax.GradientTransformation,
     num_tasks: int,
+    *,
+    param_shardings: Optional[PyTree] = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   """Ordinary training on any batch (no task weighting), e.g. for mixtures.
 
@@ -194,6 +230,8 @@ def make_plain_step(
       ``'task_losses'`` ``[N]`` (for logging; may be NaN-free estimates).
     tx: a plain optax transformation.
     num_tasks: ``N``.
+    param_shardings: optional shardings of the params (see
+      :func:`make_train_step`); the gradients are constrained to them.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` like :func:`make_train_step`.
@@ -202,6 +240,7 @@ def make_plain_step(
   def step(state: TrainState, batch: PyTree):
     key = jax.random.fold_in(state.rng, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+    grads = _constrain(grads, param_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     losses = aux.get("task_losses", jnp.full((num_tasks,), loss))

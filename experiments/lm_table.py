@@ -1,0 +1,317 @@
+r"""Table 1 of the paper (multilingual LM, section 5.2.2) from finished runs.
+
+    python -m experiments.lm_table --root=workdirs/multilingual --out=results/multilingual
+
+Every sub-directory of ``--root`` with a ``metrics.jsonl`` (except ``mono/``)
+is a run. Per run, the evaluation with the best (lowest) average validation
+loss is selected (paper section 5.2.1); its per-language perplexity on
+``--split`` (``test`` if the runs evaluated it, else ``validation``) is
+reported with the average and worst absolute perplexity and the average and
+worst relative perplexity (Eq. 3, in %) against the monolingual models of
+``<root>/mono/baselines.json`` (:mod:`experiments.monolingual`).
+
+Writes ``table1.md`` (Table 1 with one row per method -- sweeps such as the
+DRO weight rates collapsed to the run with the best average validation loss,
+as for model selection -- then every run and the per-language perplexities),
+``table1.json`` and ``per_language.png`` (per-language absolute and relative
+perplexity of every method).
+"""
+
+import json
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from ldro import metrics as ldro_metrics
+
+_FLAGS: dict = {}
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program, so modules import cleanly)."""
+  _FLAGS['root'] = flags.DEFINE_string("root", "workdirs/multilingual", "Directory of the runs.")
+  _FLAGS['out'] = flags.DEFINE_string("out", "results/multilingual", "Output directory.")
+  _FLAGS['mono'] = flags.DEFINE_string("mono", None, "Baselines JSON (default <root>/mono/baselines.json).")
+  _FLAGS['split'] = flags.DEFINE_enum("split", "test", ["test", "validation"],
+                             "Split whose perplexities are reported (selection is always by "
+                             "validation loss).")
+
+# Method of a run, from its directory name: (regex, method, label of the run).
+_METHODS = [
+    (r"^static_alpha(?P<a>[0-9.p]+)$", "static", "Static mixing (α = {a})"),
+    (r"^baselined_dro(_lr(?P<lr>.+))?$", "Baselined-DRO", "Baselined-DRO{lr}"),
+    (r"^dro(_lr(?P<lr>.+))?$", "DRO", "DRO{lr}"),
+    (r"^ldro(?P<rest>.*)$", "L-DRO", "L-DRO{rest}"),
+]
+_ORDER = ["Static mixing (α = 1)", "Static mixing (α = 0.3)", "Static mixing (α = 0)", "DRO",
+          "Baselined-DRO", "L-DRO", "Monolingual"]
+
+
+def classify(run: str) -> tuple[str, str]:
+  """``(method, label)`` of a run directory name (unknown names: the name itself)."""
+  for pattern, method, label in _METHODS:
+    m = re.match(pattern, run)
+    if not m:
+      continue
+    g = {k: (v or "") for k, v in m.groupdict().items()}
+    if method == "static":
+      alpha = g["a"].replace("p", ".")
+      alpha = f"{float(alpha):g}"
+      name = f"Static mixing (α = {alpha})"
+      return name, name
+    if "lr" in g:
+      g["lr"] = f" (η = {g['lr']})" if g["lr"] else ""
+    if "rest" in g:
+      g["rest"] = f" ({g['rest'].lstrip('_')})" if g["rest"] else ""
+    return method, label.format(**g)
+  return run, run
+
+
+def read_metrics(path: str) -> list[dict]:
+  """Records of a ``metrics.jsonl`` (torn lines skipped)."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
+
+
+def select_best(records: Sequence[dict]) -> Optional[dict]:
+  """The evaluation with the best (lowest) average validation loss."""
+  scored = [r for r in records if r.get("task_loss")]
+  if not scored:
+    return None
+  return min(scored, key=lambda r: (float(np.mean(r["task_loss"])), r["step"]))
+
+
+def _perplexities(rec: dict, split: str) -> np.ndarray:
+  key = "test_task_loss" if split == "test" else "task_loss"
+  if key not in rec:
+    raise KeyError(f"evaluation at step {rec['step']} has no {key!r} (evaluate the "
+                   f"{split!r} split: LanguageModelingExperiment.eval_splits)")
+  return ldro_metrics.perplexity(rec[key])
+
+
+def _summary(ppl: np.ndarray, mono: Optional[np.ndarray]) -> dict:
+  avg, worst = ldro_metrics.average_and_worst(ppl, higher_is_better=False)
+  out = {"perplexity": ppl.tolist(), "avg_perplexity": avg, "worst_perplexity": worst}
+  if mono is not None:
+    rel = ldro_metrics.relative_perplexity(ppl, mono) * 100.0
+    ravg, rworst = ldro_metrics.average_and_worst(rel, higher_is_better=False)
+    out.update(relative_perplexity=rel.tolist(), avg_relative=ravg, worst_relative=rworst)
+  return out
+
+
+def _languages_of(run_dir: str, n: int) -> Optional[list[str]]:
+  """Languages of a run from its operative config (``LANGUAGES = [...]``)."""
+  path = os.path.join(run_dir, "config.gin")
+  if not os.path.exists(path):
+    return None
+  text = open(path, encoding="utf-8").read()
+  m = re.search(r"LanguageModelingExperiment\.languages\s*=\s*(\[[^\]]*\])", text)
+  if not m:
+    m = re.search(r"^LANGUAGES\s*=\s*(\[[^\]]*\])", text, re.M)
+  if not m:
+    return None
+  langs = re.findall(r"'([^']+)'", m.group(1))
+  return langs if len(langs) == n else None
+
+
+def build_table(root: str, mono_path: Optional[str] = None, split: str = "test") -> dict:
+  """Selects each run's best evaluation and computes Table 1's numbers.
+
+  Args:
+    root: directory of the runs (``<root>/<run>/metrics.jsonl``).
+    mono_path: baselines JSON (default ``<root>/mono/baselines.json``; if it
+      does not exist, relative perplexities are left out).
+    split: ``'test'`` or ``'validation'`` perplexities.
+
+  Returns:
+    ``{'languages', 'split', 'runs': [...], 'methods': [...], 'monolingual'}``.
+  """
+  mono_path = mono_path or os.path.join(root, "mono", "baselines.json")
+  mono_table = None
+  if os.path.exists(mono_path):
+    with open(mono_path, encoding="utf-8") as f:
+      mono_table = json.load(f)["languages"]
+  runs, languages = [], None
+  for name in sorted(os.listdir(root)):
+    run_dir = os.path.join(root, name)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if name == "mono" or not os.path.isfile(path):
+      continue
+    best = select_best(read_metrics(path))
+    if best is None:
+      continue
+    n = len(best["task_loss"])
+    langs = _languages_of(run_dir, n)
+    if languages is None:
+      languages = langs
+    elif langs is not None and langs != languages:
+      raise ValueError(f"run {name} has languages {langs}, others {languages}")
+    runs.append((name, best))
+  if not runs:
+    raise ValueError(f"no runs with metrics.jsonl under {root}")
+  n = len(runs[0][1]["task_loss"])
+  if languages is None:  # no config.gin: take the monolingual table's order
+    languages = list(mono_table)[:n] if mono_table and len(mono_table) >= n else [
+        f"task{i}" for i in range(n)]
+  mono_ppl = None
+  if mono_table is not None:
+    key = f"{split}_perplexity"
+    missing = [l for l in languages if l not in mono_table or key not in mono_table[l]]
+    if missing:
+      raise ValueError(f"{mono_path} lacks {key} for {missing}")
+    mono_ppl = np.array([mono_table[l][key] for l in languages])
+  out_runs = []
+  for name, best in runs:
+    method, label = classify(name)
+    row = {"run": name, "method": method, "label": label, "step": int(best["step"]),
+           "avg_validation_loss": float(np.mean(best["task_loss"])),
+           "task_weights": best.get("task_weights")}
+    row.update(_summary(_perplexities(best, split), mono_ppl))
+    out_runs.append(row)
+  # One row per method: the run with the best average validation loss.
+  methods = {}
+  for row in out_runs:
+    cur = methods.get(row["method"])
+    if cur is None or row["avg_validation_loss"] < cur["avg_validation_loss"]:
+      methods[row["method"]] = row
+  method_rows = [dict(r, method=m) for m, r in methods.items()]
+  mono_row = None
+  if mono_ppl is not None:
+    mono_row = {"method": "Monolingual", "run": "mono", "label": "Monolingual"}
+    mono_row.update(_summary(mono_ppl, mono_ppl))
+    method_rows.append(mono_row)
+  rank = {m: i for i, m in enumerate(_ORDER)}
+  method_rows.sort(key=lambda r: (rank.get(r["method"], len(_ORDER)), r["method"]))
+  out_runs.sort(key=lambda r: (rank.get(r["method"], len(_ORDER)), r["run"]))
+  return {"languages": list(languages), "split": split, "runs": out_runs,
+          "methods": method_rows, "monolingual": mono_row,
+          "mono_path": mono_path if mono_table is not None else None}
+
+
+def _fmt(x: Optional[float], digits: int = 1) -> str:
+  return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _bold_best(rows: list[dict], key: str) -> dict:
+  vals = [r.get(key) for r in rows if r["method"] != "Monolingual" and r.get(key) is not None]
+  return min(vals) if vals else None
+
+
+def to_markdown(table: dict) -> str:
+  """Table 1 (methods), all runs, and per-language perplexities as markdown."""
+  keys = ["avg_perplexity", "worst_perplexity", "avg_relative", "worst_relative"]
+  lines = [f"## Table 1 ({table['split']} split; per method, the run and evaluation with the "
+           "best average validation loss)", "",
+           "| method | run (step) | avg perplexity | worst perplexity | avg relative (%) | "
+           "worst relative (%) |", "|---|---|---:|---:|---:|---:|"]
+  best = {k: _bold_best(table["methods"], k) for k in keys}
+
+  def cells(r):
+    out = []
+    for k in keys:
+      s = _fmt(r.get(k))
+      if r["method"] != "Monolingual" and r.get(k) is not None and r.get(k) == best[k]:
+        s = f"**{s}**"
+      out.append(s)
+    return out
+
+  for r in table["methods"]:
+    where = "—" if r["method"] == "Monolingual" else f"{r['run']} ({r['step']})"
+    lines.append(f"| {r['method']} | {where} | " + " | ".join(cells(r)) + " |")
+  lines += ["", "## All runs", "",
+            "| run | label | step | avg val loss | avg ppl | worst ppl | avg rel (%) | "
+            "worst rel (%) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for r in table["runs"]:
+    lines.append(f"| {r['run']} | {r['label']} | {r['step']} | {r['avg_validation_loss']:.4f} | "
+                 + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
+  langs = table["languages"]
+  rows = table["methods"]
+  lines += ["", f"## Per-language {table['split']} perplexity (relative perplexity in %)", "",
+            "| language | " + " | ".join(r["method"] for r in rows) + " |",
+            "|---|" + "---:|" * len(rows)]
+  for i, lang in enumerate(langs):
+    cells_ = []
+    for r in rows:
+      s = f"{r['perplexity'][i]:.1f}"
+      if "relative_perplexity" in r and r["method"] != "Monolingual":
+        s += f" ({r['relative_perplexity'][i]:+.0f}%)"
+      cells_.append(s)
+    lines.append(f"| {lang} | " + " | ".join(cells_) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(table: dict, path: str) -> None:
+  """Grouped bars: per-language perplexity (top) and relative perplexity (bottom)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = table["methods"]
+  langs = table["languages"]
+  has_rel = any("relative_perplexity" in r for r in rows if r["method"] != "Monolingual")
+  fig, axes = plt.subplots(2 if has_rel else 1, 1, figsize=(max(10, 1.1 * len(langs) + 3), 9),
+                           squeeze=False)
+  x = np.arange(len(langs))
+  width = 0.8 / len(rows)
+  colors = plt.get_cmap("tab10")
+  for k, r in enumerate(rows):
+    off = (k - (len(rows) - 1) / 2) * width
+    axes[0, 0].bar(x + off, r["perplexity"], width, label=r["method"], color=colors(k % 10))
+    if has_rel and r["method"] != "Monolingual" and "relative_perplexity" in r:
+      axes[1, 0].bar(x + off, r["relative_perplexity"], width, label=r["method"],
+                     color=colors(k % 10))
+  axes[0, 0].set_yscale("log")
+  axes[0, 0].set_ylabel(f"{table['split']} perplexity (log scale)")
+  axes[0, 0].set_title("Per-language perplexity (lower is better)")
+  axes[0, 0].legend(ncol=min(len(rows), 4), fontsize=9)
+  for ax in axes[:, 0]:
+    ax.set_xticks(x)
+    ax.set_xticklabels(langs, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xlim(-0.6, len(langs) - 0.4)
+  if has_rel:
+    axes[1, 0].axhline(0, color="k", lw=0.8)
+    axes[1, 0].set_ylabel("relative perplexity (%)")
+    axes[1, 0].set_title("Relative perplexity vs. the monolingual model (Eq. 3; 0 = monolingual)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_outputs(table: dict, out: str) -> None:
+  """Writes ``table1.md``, ``table1.json`` and ``per_language.png`` to ``out``."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "table1.md"), "w", encoding="utf-8") as f:
+    f.write(to_markdown(table))
+  with open(os.path.join(out, "table1.json"), "w", encoding="utf-8") as f:
+    json.dump(table, f, indent=2, sort_keys=True, ensure_ascii=False)
+  plot(table, os.path.join(out, "per_language.png"))
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  table = build_table(_FLAGS['root'].value, _FLAGS['mono'].value, _FLAGS['split'].value)
+  table["command"] = "python -m experiments.lm_table " + " ".join(sys.argv[1:])
+  write_outputs(table, _FLAGS['out'].value)
+  print(to_markdown(table).split("## All runs")[0])
+  print(f"wrote {_FLAGS['out'].value}/table1.md, table1.json, per_language.png")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,364 @@
+r"""Runs a named grid of gin configs (methods x hyper-parameters x seeds), resumably.
+
+    python -m experiments.sweep --sweep=cifar10_mtl --root=workdirs/cifar10_mtl
+    python -m experiments.sweep --sweep=cifar100 --root=workdirs/cifar100 --seeds=0,1,2
+    python -m experiments.sweep --sweep=cifar10_mtl --root=... --only='^ldro' --dry_run
+    python -m experiments.sweep --sweep=synthetic --root=/tmp/s --bindings='train_and_evaluate.num_steps = 10'
+
+Each run trains in ``<root>/<run name>/seed<k>/`` through the runner
+(:func:`experiments.train.train_and_evaluate`), by default as a subprocess
+``python -m experiments.train ...`` started in the repository root (a crash or
+an out-of-memory kill then only ends that run). Per run directory:
+
+* ``command.txt``: the exact command (also when run in-process, as the
+  equivalent command line);
+* ``run.json``: run name, method label (used by :mod:`experiments.pareto` to
+  group runs), seed, gin file and bindings;
+* ``train.log``: the runner's output (subprocess mode);
+* ``DONE``: written after success, holding the command. Runs with ``DONE``
+  are skipped; runs without it are (re)started with the same command and
+  the runner resumes from its last checkpoint (``keep_checkpoints=1``).
+
+``--in_process`` trains in the sweep's own process instead (``gin.clear_config``
+between runs; relative paths in the configs, such as the CIFAR-10 ``DATA_DIR``,
+are then relative to the current directory: run from the repository root).
+``--bindings`` appends gin bindings to every run (e.g. a smaller budget).
+
+The sweeps (paper section 5.1, Appendices A-B) are defined in :data:`SWEEPS`.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The paper's grids (section 5.1).
+DRO_WEIGHT_LRS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
+LDRO_WEIGHT_LRS = ("1e-2", "1e-3", "1e-4")
+LDRO_LOOKAHEAD_LRS = ("1e-3", "1e-2", "1e-1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One configuration of a sweep.
+
+  Attributes:
+    name: run directory name, ``<method>`` or ``<method>-<hparams>``.
+    gin_file: gin file, relative to the repository root.
+    bindings: gin bindings applied after the file.
+    method: method label for grouping in the Pareto analysis.
+  """
+  name: str
+  gin_file: str
+  bindings: tuple[str, ...] = ()
+  method: str = ""
+
+  @property
+  def label(self) -> str:
+    """The method label (``method`` or the name up to the first ``-``)."""
+    return self.method or self.name.split("-", 1)[0]
+
+
+def ldro_grid(config_dir: str, prefix: str = "ldro", gin_file: str = "ldro.gin",
+              extra: Sequence[str] = ()) -> list[Run]:
+  """L-DRO runs over the paper's eta x lambda grid (section 5.1).
+
+  Args:
+    config_dir: gin directory, e.g. ``'gin_configs/cifar100'``.
+    prefix: run-name prefix and method label.
+    gin_file: the L-DRO gin file in ``config_dir``.
+    extra: bindings added to every run.
+
+  Returns:
+    Nine runs ``<prefix>-eta<eta>-lam<lambda>``.
+  """
+  return [Run(f"{prefix}-eta{eta}-lam{lam}", f"{config_dir}/{gin_file}",
+              (f"WEIGHT_LR = {eta}", f"LOOKAHEAD_LR = {lam}") + tuple(extra), prefix)
+          for eta in LDRO_WEIGHT_LRS for lam in LDRO_LOOKAHEAD_LRS]
+
+
+def method_grid(config_dir: str, extra: Sequence[str] = ()) -> list[Run]:
+  """All methods with the paper's sweeps: 19 runs.
+
+  Static mixing; DRO with weight lr in {0, 1e-4, 1e-3, 1e-2, 1e-1}; L-DRO
+  with eta in {1e-2, 1e-3, 1e-4} x lambda in {1e-3, 1e-2, 1e-1} (T = 100);
+  PCGrad; avg/max interpolation (alpha 0.5, App. B.2); RLW; RGW.
+
+  Args:
+    config_dir: gin directory holding the method files.
+    extra: bindings added to every run (e.g. an ``include`` of large_cnn.gin).
+
+  Returns:
+    The runs.
+  """
+  extra = tuple(extra)
+  runs = [Run("static", f"{config_dir}/static.gin", extra)]
+  runs += [Run(f"dro-eta{eta}", f"{config_dir}/dro.gin", (f"WEIGHT_LR = {eta}",) + extra)
+           for eta in DRO_WEIGHT_LRS]
+  runs += ldro_grid(config_dir, extra=extra)
+  runs += [Run(m, f"{config_dir}/{m}.gin", extra) for m in ("pcgrad", "avg_max", "rlw", "rgw")]
+  return runs
+
+
+def _interval_sweep() -> list[Run]:
+  runs = []
+  for t in (10, 100, 1000):
+    runs += ldro_grid("gin_configs/cifar100", f"ldro_T{t}", f"ldro_interval_{t}.gin")
+  return runs
+
+
+def _renorm_sweep() -> list[Run]:
+  runs = []
+  for t in (100, 1000):
+    runs += ldro_grid("gin_configs/cifar100", f"ldro_T{t}", "ldro.gin", [f"UPDATE_EVERY = {t}"])
+    runs += ldro_grid("gin_configs/cifar100", f"ldro_norenorm_T{t}", "ldro_no_renorm.gin",
+                      [f"UPDATE_EVERY = {t}"])
+  return runs
+
+
+def _synthetic_sweep() -> list[Run]:
+  return [Run("avg", "gin_configs/synthetic/avg.gin"),
+          Run("dro", "gin_configs/synthetic/dro.gin"),
+          Run("ldro", "gin_configs/synthetic/ldro.gin")]
+
+
+SWEEPS: dict[str, Callable[[], list[Run]]] = {
+    # Offline multitask CIFAR-10 (5 pair tasks), CPU budget: 19 runs.
+    "cifar10_mtl": lambda: method_grid("gin_configs/cifar10_mtl"),
+    # Paper section 5.1 / Figure 3 (and B.1 with --seeds=0,1,2, B.2 includes avg_max): 19 runs.
+    "cifar100": lambda: method_grid("gin_configs/cifar100"),
+    # App. A.1: L-DRO grid x interaction-matrix interval {10, 100, 1000}: 27 runs.
+    "cifar100_interval": _interval_sweep,
+    # App. A.2: L-DRO grid with / without renormalisation at T in {100, 1000}: 36 runs.
+    "cifar100_renorm": _renorm_sweep,
+    # App. B.3: all methods with the larger CNN: 19 runs.
+    "cifar100_large": lambda: method_grid(
+        "gin_configs/cifar100", ["include 'gin_configs/cifar100/large_cnn.gin'"]),
+    # The 2-D proof of concept (section 4), handy for smoke tests: 3 runs.
+    "synthetic": _synthetic_sweep,
+}
+
+
+def sweep_runs(name: str) -> list[Run]:
+  """The runs of the named sweep.
+
+  Raises:
+    ValueError: unknown sweep name (the message lists the known ones).
+  """
+  if name not in SWEEPS:
+    raise ValueError(f"unknown sweep {name!r}; known sweeps: {', '.join(sorted(SWEEPS))}.")
+  runs = SWEEPS[name]()
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"sweep {name!r} has duplicate run names.")
+  return runs
+
+
+def run_bindings(run: Run, seed: int, extra: Sequence[str] = ()) -> list[str]:
+  """All gin bindings of ``run`` at ``seed`` (seed macros, one checkpoint kept)."""
+  return list(run.bindings) + [f"SEED = {seed}", f"train_and_evaluate.seed = {seed}",
+                               "train_and_evaluate.keep_checkpoints = 1"] + list(extra)
+
+
+def run_command(run: Run, seed: int, workdir: str, extra: Sequence[str] = ()) -> list[str]:
+  """The ``python -m experiments.train`` command line of ``run`` at ``seed``."""
+  cmd = [sys.executable, "-m", "experiments.train", f"--gin_file={run.gin_file}"]
+  cmd += [f"--gin_bindings={b}" for b in run_bindings(run, seed, extra)]
+  return cmd + [f"--workdir={workdir}"]
+
+
+def _status(workdir: str) -> str:
+  if os.path.exists(os.path.join(workdir, "DONE")):
+    return "done"
+  if os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.exists(
+      os.path.join(workdir, "metrics.jsonl")):
+    return "partial"
+  return "pending"
+
+
+def _last_record(workdir: str) -> Optional[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  last = None
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if line:
+        try:
+          last = json.loads(line)
+        except json.JSONDecodeError:
+          pass
+  return last
+
+
+def _summary(rec: Optional[dict]) -> str:
+  if not rec:
+    return ""
+  avg = [k for k in rec if k.startswith("avg_")]
+  if not avg:
+    return ""
+  m = avg[0][4:]
+  return f" | step {rec['step']} avg {m} {rec[f'avg_{m}']:.4f} worst {m} {rec[f'worst_{m}']:.4f}"
+
+
+def _train_in_process(run: Run, seed: int, workdir: str, extra: Sequence[str]) -> None:
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin.add_config_file_search_path(REPO_ROOT)
+  try:
+    gin.parse_config_files_and_bindings([os.path.join(REPO_ROOT, run.gin_file)],
+                                        run_bindings(run, seed, extra))
+    train_lib.train_and_evaluate(workdir, quiet=True)
+  finally:
+    gin.clear_config()
+
+
+def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
+              only: Optional[str] = None, dry_run: bool = False, in_process: bool = False,
+              extra_bindings: Sequence[str] = (),
+              say: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+  """Runs (or lists) every run x seed not finished yet.
+
+  Args:
+    runs: the configurations.
+    root: directory of the run directories ``<root>/<name>/seed<k>``.
+    seeds: seeds to run.
+    only: regex; keep only runs whose name matches (``re.search``).
+    dry_run: only report each run's status and command.
+    in_process: train in this process instead of a subprocess per run.
+    extra_bindings: gin bindings appended to every run.
+    say: progress printer (one line per run).
+
+  Returns:
+    ``{'<name>/seed<k>': status}`` with status ``'done'`` (finished now),
+    ``'skipped'`` (finished before), ``'failed'``, or in a dry run the
+    current ``'done'``/``'partial'``/``'pending'``.
+  """
+  selected = [r for r in runs if only is None or re.search(only, r.name)]
+  if not selected:
+    raise ValueError(f"--only={only!r} matches none of the runs: "
+                     f"{', '.join(r.name for r in runs)}.")
+  jobs = [(r, s) for r in selected for s in seeds]
+  results = {}
+  for i, (run, seed) in enumerate(jobs, 1):
+    key = f"{run.name}/seed{seed}"
+    workdir = os.path.join(root, run.name, f"seed{seed}")
+    cmd = run_command(run, seed, os.path.abspath(workdir), extra_bindings)
+    cmd_str = shlex.join(cmd)
+    head = f"[{i}/{len(jobs)}] {key}"
+    status = _status(workdir)
+    if dry_run:
+      say(f"{head}: {status}{_summary(_last_record(workdir))}\n    {cmd_str}")
+      results[key] = status
+      continue
+    if status == "done":
+      with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
+        same = f.read().strip() == cmd_str
+      say(f"{head}: skipped (DONE){'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
+          f"{_summary(_last_record(workdir))}")
+      results[key] = "skipped"
+      continue
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
+      f.write(cmd_str + "\n")
+    with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
+      json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_file": run.gin_file,
+                 "bindings": run_bindings(run, seed, extra_bindings)}, f, indent=2)
+    say(f"{head}: {'resuming' if status == 'partial' else 'starting'}")
+    t0 = time.time()
+    error = None
+    if in_process:
+      try:
+        _train_in_process(run, seed, workdir, extra_bindings)
+      except Exception as e:  # pylint: disable=broad-except
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    else:
+      with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log:
+        log.write(f"$ {cmd_str}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              check=False)
+      if proc.returncode != 0:
+        error = f"exit status {proc.returncode}; " + _last_error_line(
+            os.path.join(workdir, "train.log"))
+    took = time.time() - t0
+    if error is None:
+      with open(os.path.join(workdir, "DONE"), "w", encoding="utf-8") as f:
+        f.write(cmd_str + "\n")
+      say(f"{head}: done in {took:.0f}s{_summary(_last_record(workdir))}")
+      results[key] = "done"
+    else:
+      say(f"{head}: FAILED after {took:.0f}s: {error}")
+      results[key] = "failed"
+  return results
+
+
+def _last_error_line(log_path: str) -> str:
+  try:
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+      lines = [l.strip() for l in f if l.strip()]
+  except OSError:
+    return "(no log)"
+  for line in reversed(lines):
+    if line.startswith("error:") or "Error" in line:
+      return line[:300]
+  return lines[-1][:300] if lines else "(empty log)"
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program, so that the module can be
+  imported next to other absl programs, e.g. :mod:`experiments.pareto`, in one process)."""
+  flags.DEFINE_string("sweep", None, "Name of the sweep (see SWEEPS).")
+  flags.DEFINE_string("root", None, "Root directory of the sweep's run directories.")
+  flags.DEFINE_string("only", None, "Regex: run only the runs whose name matches.")
+  flags.DEFINE_string("seeds", "0", "Comma-separated seeds, e.g. 0,1,2.")
+  flags.DEFINE_bool("dry_run", False, "Print the runs and their status; run nothing.")
+  flags.DEFINE_bool("in_process", False, "Run in this process (gin.clear_config between runs) "
+                    "instead of one subprocess per run.")
+  flags.DEFINE_multi_string("bindings", [], "Extra gin bindings appended to every run "
+                            "(repeatable), e.g. 'NUM_STEPS = 100'.")
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs the sweep named by --sweep (see the module docstring)."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  f = flags.FLAGS
+  try:
+    if not f.sweep or not f.root:
+      raise ValueError("--sweep and --root are required; sweeps: " + ", ".join(sorted(SWEEPS)))
+    try:
+      seeds = [int(s) for s in f.seeds.split(",") if s.strip()]
+    except ValueError:
+      raise ValueError(f"--seeds must be comma-separated integers, got {f.seeds!r}.") from None
+    runs = sweep_runs(f.sweep)
+    if f.only:
+      re.compile(f.only)
+    results = run_sweep(runs, f.root, seeds, f.only, f.dry_run, f.in_process, f.bindings)
+  except (ValueError, re.error) as e:
+    print(f"error: {type(e).__name__}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+    sys.exit(1)
+  counts = {}
+  for s in results.values():
+    counts[s] = counts.get(s, 0) + 1
+  print("sweep " + f.sweep + ": " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+        flush=True)
+  if counts.get("failed"):
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,207 @@
+"""Tests of the multilingual LM experiment (paper section 5.2): experiment, configs, table."""
+
+import glob
+import json
+import os
+
+import gin
+import numpy as np
+import pytest
+
+seqio = pytest.importorskip("seqio")
+
+from experiments import lm_experiment  # pylint: disable=g-import-not-at-top
+from experiments import lm_table  # pylint: disable=g-import-not-at-top
+from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L = 16
+WORDS = {
+    "en": "the cat sat on a mat and we read books about rivers".split(),
+    "de": "der hund lief schnell durch den park und wir lesen".split(),
+    "yo": "mo fe lati lo si oja ni ola pelu awon ore mi".split(),
+}
+
+
+def _write(path, lines):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("".join(l + "\n" for l in lines))
+
+
+def _sentences(lang, n, seed):
+  rng = np.random.RandomState(seed)
+  return [" ".join(rng.choice(WORDS[lang], rng.randint(3, 8))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("lm_corpus"))
+  for i, lang in enumerate(WORDS):
+    _write(f"{d}/{lang}.train.txt", _sentences(lang, 30, i))
+    _write(f"{d}/{lang}.test.txt", _sentences(lang, 8, 10 + i))
+  _write(f"{d}/tatoeba/en.train.txt", _sentences("en", 60, 7))  # imbalance
+  _write(f"{d}/tatoeba/en.test.txt", _sentences("en", 4, 8))
+  return d
+
+
+def _train(corpus, workdir, method_file, bindings):
+  gin.clear_config()
+  gin.add_config_file_search_path(REPO)
+  gin.parse_config_files_and_bindings(
+      [os.path.join(REPO, "gin_configs", "multilingual", method_file)],
+      [f"LANGUAGES = {list(WORDS)!r}", f"DATA_DIR = {corpus!r}", "CACHE_DIR = None",
+       f"SEQUENCE_LENGTH = {L}", "EVAL_ROWS = 3", "NUM_STEPS = 3", "EVAL_EVERY = 3",
+       "WARMUP_STEPS = 1", "LanguageModelingExperiment.eval_batch_size = 8"] + bindings)
+  try:
+    return train_lib.train_and_evaluate(str(workdir), quiet=True)
+  finally:
+    gin.clear_config()
+
+
+def test_ldro_lean_pairwise_trains(corpus, tmp_path):
+  recs = _train(corpus, tmp_path / "ldro", "ldro.gin", ["UPDATE_EVERY = 2"])
+  assert [r["step"] for r in recs] == [0, 3]
+  last = recs[-1]
+  assert len(last["task_perplexity"]) == 3 and len(last["test_task_perplexity"]) == 3
+  np.testing.assert_allclose(np.exp(last["task_loss"]), last["task_perplexity"], rtol=1e-6)
+  assert np.isclose(sum(last["task_weights"]), 1.0, atol=1e-5)
+  assert all(np.isfinite(last["train_task_losses"]))
+  assert last["avg_perplexity"] < recs[0]["avg_perplexity"]  # it learns something
+  cfg = open(tmp_path / "ldro" / "config.gin", encoding="utf-8").read()
+  assert "'pairwise'" in cfg
+
+
+def test_static_mixing_plain_mode(corpus, tmp_path):
+  recs = _train(corpus, tmp_path / "mix", "static_alpha1.gin", [])
+  last = recs[-1]
+  # Rates of the seqio mixture ~ |D_i| (en: 30 core + 60 Tatoeba lines).
+  np.testing.assert_allclose(last["task_weights"], np.array([90, 30, 30]) / 150, rtol=1e-5)
+  losses = np.asarray(last["train_task_losses"])
+  assert np.all(np.isfinite(losses)) and np.all(losses >= 0)
+
+
+def test_experiment_batches_and_losses(corpus):
+  import jax  # pylint: disable=g-import-not-at-top
+  exp = lm_experiment.LanguageModelingExperiment(
+      languages=list(WORDS), data_dir=corpus, sequence_length=L, rows_per_language=2,
+      eval_rows=2, alpha=0.0, batch_size=4)
+  assert exp.task_sizes == [90.0, 30.0, 30.0]
+  np.testing.assert_allclose(exp.sampling_rates, [1 / 3] * 3)
+  b = exp.train_batch(0)
+  assert b["decoder_target_tokens"].shape == (4, L) and b["task"].shape == (4,)
+  params = exp.init_params(jax.random.PRNGKey(0))
+  # A language absent from the batch gets a finite 0 loss.
+  b["task"] = np.zeros_like(b["task"])
+  loss, aux = exp.plain_loss(params, b, jax.random.PRNGKey(1))
+  assert np.isfinite(loss) and aux["task_losses"][1] == 0 and aux["task_losses"][2] == 0
+  np.testing.assert_allclose(aux["task_losses"][0], loss, rtol=1e-5)
+  strat = lm_experiment.LanguageModelingExperiment(
+      languages=list(WORDS), data_dir=corpus, sequence_length=L, rows_per_language=2,
+      eval_rows=2)
+  assert strat.sampling_rates is None
+  assert strat.train_batch(5)["decoder_input_tokens"].shape == (3, 2, L)
+
+
+def test_baselines_from_json(tmp_path):
+  path = tmp_path / "b.json"
+  path.write_text(json.dumps({"languages": {"en": {"validation_loss": 2.0},
+                                            "yo": {"validation_loss": 3.5}}}))
+  assert lm_experiment.baselines_from_json(str(path), ["yo", "en"]) == [3.5, 2.0]
+  with pytest.raises(ValueError, match="'de'"):
+    lm_experiment.baselines_from_json(str(path), ["de"])
+  with pytest.raises(FileNotFoundError, match="monolingual"):
+    lm_experiment.baselines_from_json(str(tmp_path / "missing.json"), ["en"])
+
+
+def test_every_multilingual_gin_file_parses():
+  files = sorted(glob.glob(os.path.join(REPO, "gin_configs", "multilingual", "*.gin")))
+  sizes = {"base.gin", "cpu.gin", "small.gin", "paper.gin"}
+  methods = [f for f in files if os.path.basename(f) not in sizes]
+  assert len(methods) >= 9
+  gin.add_config_file_search_path(REPO)
+  try:
+    for f in methods:
+      for extra in ([], ["cpu.gin"], ["small.gin"], ["paper.gin"]):
+        gin.clear_config()
+        gin.parse_config_files_and_bindings(
+            [f] + [os.path.join(REPO, "gin_configs", "multilingual", e) for e in extra], [])
+        mode = gin.query_parameter("%MODE")
+        name = os.path.basename(f)
+        assert (mode == "plain") == name.startswith("static_"), name
+        if mode != "plain":
+          assert gin.query_parameter("%METHOD") in ("dro", "baselined_dro", "ldro", "equal")
+        if name.startswith("ldro"):
+          assert gin.query_parameter("%UPDATE_EVERY") == {"": 1000, "cpu.gin": 100}.get(
+              "".join(extra), 1000)
+  finally:
+    gin.clear_config()
+
+
+def _fake_run(root, name, task_losses_by_step, test_offset=0.1):
+  os.makedirs(os.path.join(root, name), exist_ok=True)
+  with open(os.path.join(root, name, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    for step, losses in task_losses_by_step:
+      losses = np.asarray(losses, float)
+      f.write(json.dumps({"step": step, "task_loss": losses.tolist(),
+                          "task_perplexity": np.exp(losses).tolist(),
+                          "test_task_loss": (losses + test_offset).tolist(),
+                          "test_task_perplexity": np.exp(losses + test_offset).tolist(),
+                          "task_weights": [0.5, 0.5]}) + "\n")
+
+
+def test_lm_table_on_fabricated_runs(tmp_path):
+  root = str(tmp_path / "root")
+  mono = {"languages": {"en": {"validation_loss": 1.0, "test_loss": 1.0,
+                               "test_perplexity": float(np.exp(1.0)),
+                               "validation_perplexity": float(np.exp(1.0))},
+                        "yo": {"validation_loss": 2.0, "test_loss": 2.0,
+                               "test_perplexity": float(np.exp(2.0)),
+                               "validation_perplexity": float(np.exp(2.0))}}}
+  os.makedirs(os.path.join(root, "mono"))
+  with open(os.path.join(root, "mono", "baselines.json"), "w", encoding="utf-8") as f:
+    json.dump(mono, f)
+  for lang in ("en", "yo"):  # mono runs are not multilingual runs
+    _fake_run(os.path.join(root, "mono"), lang, [(0, [1.0, 1.0])])
+  # Best average validation loss at step 100 (not the last evaluation).
+  _fake_run(root, "ldro", [(0, [3.0, 3.0]), (100, [1.2, 2.2]), (200, [1.1, 2.5])], 0.0)
+  _fake_run(root, "static_alpha1", [(0, [3.0, 3.0]), (100, [1.0, 3.0])], 0.0)
+  for name in ("dro_lr1e-2", "dro_lr1e-3"):
+    _fake_run(root, name, [(0, [2.0, 2.5 if name.endswith("2") else 2.4])], 0.0)
+  with open(os.path.join(root, "ldro", "metrics.jsonl"), "a", encoding="utf-8") as f:
+    f.write('{"step": 300, "task_lo')  # a torn line is ignored
+  out = str(tmp_path / "out")
+  table = lm_table.build_table(root, mono_path=None, split="test")
+  rows = {r["run"]: r for r in table["runs"]}
+  assert set(rows) == {"ldro", "static_alpha1", "dro_lr1e-2", "dro_lr1e-3"}
+  r = rows["ldro"]
+  assert r["step"] == 100
+  np.testing.assert_allclose(r["perplexity"], np.exp([1.2, 2.2]))
+  rel = (np.exp([1.2, 2.2]) - np.exp([1.0, 2.0])) / np.exp([1.0, 2.0]) * 100
+  np.testing.assert_allclose(r["relative_perplexity"], rel)
+  np.testing.assert_allclose([r["avg_perplexity"], r["worst_perplexity"]],
+                             [np.exp([1.2, 2.2]).mean(), np.exp(2.2)])
+  np.testing.assert_allclose([r["avg_relative"], r["worst_relative"]], [rel.mean(), rel.max()])
+  # Method rows: the DRO sweep is collapsed to its best average validation loss (lr 1e-3).
+  methods = {m["method"]: m for m in table["methods"]}
+  assert methods["DRO"]["run"] == "dro_lr1e-3"
+  assert "Monolingual" in methods and methods["Monolingual"]["avg_relative"] == 0
+  lm_table.write_outputs(table, out)
+  md = open(os.path.join(out, "table1.md"), encoding="utf-8").read()
+  assert "L-DRO" in md and "Static mixing (α = 1)" in md and "| yo |" not in md.split("##")[1]
+  assert os.path.getsize(os.path.join(out, "per_language.png")) > 10_000
+  data = json.load(open(os.path.join(out, "table1.json"), encoding="utf-8"))
+  assert data["languages"] == ["en", "yo"]
+
+
+def test_mc4_source_with_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    exp = lm_experiment.LanguageModelingExperiment(
+        languages=["en", "he"], source="mc4", sizes={"en": 400, "he": 25},
+        sequence_length=L, eval_rows=2, alpha=0.3)
+  assert exp.task_sizes == [400.0, 25.0]
+  w = np.array([400, 25], float) ** 0.3
+  np.testing.assert_allclose(exp.sampling_rates, w / w.sum(), rtol=1e-6)
+  assert exp.train_batch(0)["decoder_target_tokens"].shape == (2, L)
+  assert exp.num_eval_rows["validation"][1] >= 1

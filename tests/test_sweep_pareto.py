@@ -1,0 +1,158 @@
+"""Tests for experiments.sweep (skip/resume/--only) and experiments.pareto (table, figure)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+
+from experiments import pareto
+from experiments import sweep
+from experiments import train as train_lib
+from ldro import metrics as ldro_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ["train_and_evaluate.num_steps = 4", "train_and_evaluate.eval_every = 2",
+         "train_and_evaluate.checkpoint_every = 2"]
+RUNS = [sweep.Run("avg", "gin_configs/synthetic/avg.gin"),
+        sweep.Run("ldro-fast", "gin_configs/synthetic/ldro.gin", ("WEIGHT_LR = 0.5",))]
+
+
+def _steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(l)["step"] for l in f if l.strip()]
+
+
+# ------------------------------------------------------------------ sweep
+
+
+def test_sweep_runs_skips_and_resumes(tmp_path):
+  root = str(tmp_path / "root")
+  lines = []
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), in_process=True, extra_bindings=STEPS,
+                        say=lines.append)
+  assert res == {"avg/seed0": "done", "ldro-fast/seed0": "done"}
+  for name in ("avg", "ldro-fast"):
+    wd = os.path.join(root, name, "seed0")
+    assert _steps(wd) == [0, 2, 4]
+    cmd = open(os.path.join(wd, "command.txt")).read().strip()
+    assert open(os.path.join(wd, "DONE")).read().strip() == cmd
+    assert "-m experiments.train" in cmd and "train_and_evaluate.keep_checkpoints = 1" in cmd
+    assert json.load(open(os.path.join(wd, "run.json")))["method"] == name.split("-")[0]
+    assert os.listdir(os.path.join(wd, "checkpoints")) == ["4"]  # only the last kept
+  assert any("done in" in l for l in lines)
+  ldro_cfg = open(os.path.join(root, "ldro-fast", "seed0", "config.gin")).read()
+  assert "WEIGHT_LR = 0.5" in ldro_cfg and "METHOD = 'ldro'" in ldro_cfg
+
+  # Finished runs are skipped.
+  lines.clear()
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), in_process=True, extra_bindings=STEPS,
+                        say=lines.append)
+  assert set(res.values()) == {"skipped"} and all("skipped (DONE)" in l for l in lines)
+
+  # An interrupted run (checkpoint at step 2, no DONE) resumes instead of restarting.
+  wd = os.path.join(root, "avg", "seed1")
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(
+      [os.path.join(REPO, "gin_configs/synthetic/avg.gin")],
+      ["train_and_evaluate.num_steps = 2", "train_and_evaluate.eval_every = 2",
+       "train_and_evaluate.seed = 1"])
+  train_lib.train_and_evaluate(wd, quiet=True)
+  gin.clear_config()
+  lines.clear()
+  res = sweep.run_sweep(RUNS, root, seeds=(1,), only="^avg$", in_process=True,
+                        extra_bindings=STEPS, say=lines.append)
+  assert res == {"avg/seed1": "done"}
+  assert "resuming" in lines[0]
+  assert _steps(wd) == [0, 2, 4]  # step 0 evaluated once: resumed from step 2
+
+
+def test_sweep_only_filter_and_dry_run(tmp_path):
+  root = str(tmp_path / "root")
+  lines = []
+  res = sweep.run_sweep(RUNS, root, seeds=(0, 1), only="^ldro", dry_run=True, say=lines.append)
+  assert res == {"ldro-fast/seed0": "pending", "ldro-fast/seed1": "pending"}
+  assert not os.path.exists(root)  # a dry run writes nothing
+  assert "WEIGHT_LR = 0.5" in lines[0] and "SEED = 0" in lines[0]
+  with pytest.raises(ValueError, match="matches none"):
+    sweep.run_sweep(RUNS, root, only="^nothing$")
+  with pytest.raises(ValueError, match="unknown sweep"):
+    sweep.sweep_runs("nope")
+  names = [r.name for r in sweep.sweep_runs("cifar10_mtl")]
+  assert len(names) == 19 and len(set(names)) == 19
+  assert sum(n.startswith("ldro-") for n in names) == 9
+  assert sum(n.startswith("dro-") for n in names) == 5
+
+
+def test_sweep_command_line_runs_a_subprocess(tmp_path):
+  root = tmp_path / "root"
+  cmd = [sys.executable, "-m", "experiments.sweep", "--sweep=synthetic", f"--root={root}",
+         "--only=^avg$"] + [f"--bindings={b}" for b in STEPS]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "[1/1] avg/seed0: done" in proc.stdout and "1 done" in proc.stdout
+  wd = root / "avg" / "seed0"
+  assert (wd / "DONE").exists() and (wd / "train.log").exists()
+  assert _steps(str(wd)) == [0, 2, 4]
+
+
+# ------------------------------------------------------------------ pareto
+
+
+def _write_run(root, name, seed, points, method=None):
+  wd = root / name / f"seed{seed}"
+  wd.mkdir(parents=True)
+  with open(wd / "metrics.jsonl", "w") as f:
+    for step, (avg, worst) in enumerate(points):
+      f.write(json.dumps({"step": step * 10, "avg_accuracy": avg, "worst_accuracy": worst,
+                          "task_accuracy": [worst, 2 * avg - worst]}) + "\n")
+    f.write('{"step": 99, "avg_acc')  # a torn last line (killed run) is ignored
+  if method:
+    (wd / "run.json").write_text(json.dumps({"method": method, "seed": seed}))
+
+
+def test_pareto_table_and_figure(tmp_path):
+  root = tmp_path / "runs"
+  _write_run(root, "ldro-eta1-lam1", 0, [(0.5, 0.3), (0.7, 0.6), (0.8, 0.5)])
+  _write_run(root, "ldro-eta2-lam1", 0, [(0.6, 0.65)])
+  _write_run(root, "ldro-eta1-lam1", 1, [(0.75, 0.55)])
+  _write_run(root, "baseline_run", 0, [(0.9, 0.2), (0.7, 0.4)], method="static")
+  points = pareto.collect_points(str(root))
+  assert len(points) == 7
+  assert {p["method"] for p in points} == {"ldro", "static"}
+  s = pareto.summarize(points)
+  ld, st = s["methods"]["ldro"], s["methods"]["static"]
+  assert ld["runs"] == 2 and ld["points"] == 5 and ld["seeds"] == [0, 1]
+  assert st["runs"] == 1 and st["points"] == 2
+  np.testing.assert_allclose(ld["frontier"], [[0.6, 0.65], [0.7, 0.6], [0.75, 0.55], [0.8, 0.5]])
+  # Hypervolume above (0, 0): strips 0.6*0.65 + 0.1*0.6 + 0.05*0.55 + 0.05*0.5.
+  assert ld["hypervolume"] == pytest.approx(0.39 + 0.06 + 0.0275 + 0.025)
+  assert st["hypervolume"] == pytest.approx(0.7 * 0.4 + 0.2 * 0.2)
+  assert ld["best_worst"] == 0.65 and ld["best_average"] == 0.8
+  assert st["best_worst"] == 0.4 and st["best_average"] == 0.9
+  assert s["matched_average"] == 0.8  # the lowest of the best averages
+  assert ld["worst_at_matched_average"] == 0.5 and st["worst_at_matched_average"] == 0.2
+  assert ld["hypervolume_per_seed"]["1"] == pytest.approx(0.75 * 0.55)
+  # A reference point shifts the hypervolume.
+  s2 = pareto.summarize(points, reference=(0.5, 0.5))
+  assert s2["methods"]["ldro"]["hypervolume"] == pytest.approx(
+      ldro_metrics.hypervolume(np.array(ld["frontier"]), (0.5, 0.5)))
+
+  out = tmp_path / "out"
+  pareto.write_outputs(str(root), str(out))
+  assert (out / "pareto.png").stat().st_size > 10_000
+  table = (out / "pareto.md").read_text()
+  assert "| L-DRO | 2 | 5 |" in table and "| Static mixing | 1 | 2 |" in table
+  assert "65.00" in table
+  saved = json.loads((out / "pareto.json").read_text())
+  assert saved["methods"]["ldro"]["best_worst"] == 0.65
+
+
+def test_pareto_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not found"):
+    pareto.collect_points(str(tmp_path / "absent"))
+  with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    pareto.collect_points(str(tmp_path))
