@@ -61,6 +61,14 @@ def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
   for k, v in supplied.items():
     if v is not None and (k in params or (var_kw and k == "num_tasks")):
       hparams.setdefault(k, v)
+  for k in ("task_sizes", "baseline_losses"):  # one entry per task of the experiment
+    v = hparams.get(k)
+    if v is not None and len(v) != int(num_tasks):
+      where = (f"method.hparams['{k}']" if supplied[k] is None or v is not supplied[k]
+               else "train_and_evaluate.baseline_losses" if k == "baseline_losses"
+               else "the experiment's task sizes")
+      raise ValueError(f"{where} has {len(v)} entries, but the experiment has {num_tasks} "
+                       f"tasks (one entry per task).")
   return ldro.get_method(name, **hparams)
 
 

@@ -602,7 +602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   cifar_dir = os.path.join(REPO, "gin_configs", "cifar10_mtl")
   if not args.quick and not args.no_cifar and os.path.isdir(cifar_dir):
     add(runner.kill_resume("SIGKILL at random steps / while saving", cifar10(),
-                           ["random", "save"]))
+                           ["random", "save", "random"]))
   add(runner.nan("error"))
   add(runner.nan("skip"))
   add(sweep_scenario(runner, kills=1 if args.quick else 2))

@@ -1,7 +1,8 @@
 """Crashes lose nothing: SIGKILL + resume is bitwise identical; broken checkpoints are skipped.
 
 Fast versions of the scenarios of :mod:`experiments.faults` (which see); each
-runs ``python -m experiments.train`` as a subprocess on the synthetic config.
+runs ``python -m experiments.train`` (or ``experiments.sweep``) as a subprocess on
+the synthetic config.
 """
 
 import json
@@ -41,6 +42,16 @@ def test_half_written_and_damaged_checkpoints_are_not_used(runner, cfg):
   """A fake ``*.orbax-checkpoint-tmp-*`` dir and a damaged newest checkpoint are skipped."""
   res = runner.corrupt_checkpoint(cfg)
   assert res.passed, res
+
+
+def test_interrupted_sweep_resumes_without_redoing_runs(runner):
+  """SIGKILL the whole sweep (driver + training run) once, re-run it: finished runs are
+  skipped, not redone, and every run ends bitwise equal to an uninterrupted sweep."""
+  res = faults.sweep_scenario(runner, kills=1)
+  if res is None:
+    pytest.skip("no experiments/sweep.py")
+  assert res.kills == 1, res
+  assert res.identical == "yes" and res.passed, res.detail
 
 
 def test_metrics_have_no_wall_clock_fields(runner, cfg):

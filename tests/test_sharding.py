@@ -1,7 +1,8 @@
 """Scale-out: a run on 8 (simulated) devices equals the run on 1 device.
 
 Data parallel ``(8, 1)`` and data x FSDP ``(2, 4)`` (L-DRO), ``(4, 2)`` (L-DRO
-in lean mode, group DRO with a batch split over tasks x examples), and full
+in lean mode, group DRO with a batch split over tasks x examples), data
+parallel ``(8, 1)`` (group DRO, the baseline), and full
 FSDP ``(1, 8)`` from the CLI with ``gin_configs/mesh/fsdp.gin``, on the toy MLP
 experiment: task weights, per-task losses, interaction matrix and parameters
 agree with the 1-device run to float tolerance. When this process has fewer than 8 devices
@@ -35,6 +36,7 @@ CASES = {
     "ldro": ("ldro.gin", "jacobian", None, [((8, 1), 1024), ((2, 4), 1)], []),
     "ldro_lean": ("ldro.gin", "lean", "ldro", [((4, 2), 1024)], []),
     "dro": ("dro.gin", "jacobian", None, [((4, 2), 1)], ["ToyMLPExperiment.batch_per_task = 12"]),
+    "dro_dp": ("dro.gin", "jacobian", None, [((8, 1), 1024)], []),
 }
 
 
@@ -161,7 +163,7 @@ def test_same_run_as_one_device(runs, case, mesh):
   assert str(r[got + "weights_spec"]) == str(P())
   if case == "dro":
     assert str(r[got + "batch_spec"]) == str(P("data", "fsdp", None))
-  elif case == "ldro":
+  elif case in ("ldro", "dro_dp"):
     assert str(r[got + "batch_spec"]) == str(P(None, ("data", "fsdp"), None))
   fsdp = int(mesh.split("x")[1])
   if fsdp > 1:

@@ -169,6 +169,7 @@ def load_cifar100_tasks(data_dir: str | os.PathLike | None = None,
     order.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _hide_gpus_from_tf()
 
   # Batches of 10k rather than `batch_size=-1`, which relies on the split
   # sizes recorded in the dataset info (absent under `tfds.testing.mock_data`).
@@ -187,6 +188,19 @@ def load_cifar100_tasks(data_dir: str | os.PathLike | None = None,
       task_names=list(info.features["coarse_label"].names),
       class_names=list(info.features["label"].names),
       **arrays)
+
+
+def _hide_gpus_from_tf() -> None:
+  """Keeps TensorFlow (only decoding data here) off the GPUs JAX trains on.
+
+  Otherwise TF reserves most of every visible GPU's memory when it first runs
+  an op, and JAX runs out of memory on a GPU machine.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):  # TF already initialised its devices
+    pass
 
 
 # --------------------------------------------------------------------------
@@ -236,6 +250,7 @@ def _decode_image_folder(image_dir: pathlib.Path, splits: Sequence[str]
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _hide_gpus_from_tf()
 
   builder = tfds.folder_dataset.ImageFolder(str(image_dir))
   class_names = list(builder.info.features["label"].names)
