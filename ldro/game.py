@@ -199,7 +199,11 @@ def _simplex_game(L: Array, max_iters: int, tol: float):
   return w, v, iters, done
 
 
-def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float):
+_WARM_MAX_LOG2 = 40
+
+
+def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float,
+                        direction: Optional[Array] = None):
   """Max-entropy ``w`` on ``{w in simplex : L w <= cap}`` by projected Newton.
 
   The dual of ``max H(w) s.t. L w <= cap`` is
@@ -239,8 +243,10 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float):
     mu, it, _ = carry
     w = weights(mu)
     g = cap - jnp.matmul(L, w, precision=hp)
-    cov = jnp.diag(w) - jnp.outer(w, w)
-    H = jnp.matmul(jnp.matmul(L, cov, precision=hp), L.T, precision=hp)
+    # H = L (diag w - w w^T) L^T with one N^3 matmul; on the centred game
+    # L w ~ cap ~ 0 near the solution, so the rank-one term cancels nothing.
+    lw = jnp.matmul(L, w, precision=hp)
+    H = jnp.matmul(L * w[None, :], L.T, precision=hp) - jnp.outer(lw, lw)
     active = (mu <= 1e-12) & (g > 0)
     free = ~active
     damping = 1e-9 * scale * scale + 1e-6 * jnp.max(jnp.abs(jnp.diag(H)))
@@ -261,6 +267,18 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float):
     return new_mu, it + 1, done
 
   mu0 = jnp.zeros((n,), L.dtype)
+  if direction is not None:
+    # Warm start on the ray mu = t * direction (e.g. the LP's optimal row
+    # strategy v: by complementary slackness softmax(-t L^T v) concentrates on
+    # the equilibrium support as t grows). The dual is convex, so the best
+    # point of the ray from a geometric grid of t is a sound start; t = 0
+    # (the cold start) is among the candidates.
+    ts = jnp.concatenate([jnp.zeros((1,), L.dtype),
+                          2.0 ** jnp.arange(-4, _WARM_MAX_LOG2 + 1, dtype=L.dtype)])
+    cands = ts[:, None] * jnp.maximum(direction, 0.0)[None, :]
+    fs = jax.vmap(dual)(cands)
+    fs = jnp.where(jnp.isfinite(fs), fs, jnp.inf)
+    mu0 = cands[jnp.argmin(fs)]
   done0 = kkt(mu0) <= tol * scale
   mu, iters, _ = jax.lax.while_loop(cond, body, (mu0, jnp.array(0), done0))
   converged = kkt(mu) <= tol * scale * 10
@@ -323,7 +341,8 @@ def maxent_nash_with_info(
   # cancellation against V), aiming at half the slack: the other half is a
   # margin for round-off, so the guard below rarely has to mix in w_lp.
   w_ent, newton_iters, ent_ok = _maxent_dual_newton(
-      L - value, 0.5 * slack, max_newton_iters, 1e-9 if L.dtype == jnp.float64 else 1e-6)
+      L - value, 0.5 * slack, max_newton_iters, 1e-9 if L.dtype == jnp.float64 else 1e-6,
+      direction=v)
   # Guard: smallest t in [0, 1] with max_i (L((1-t) w_ent + t w_lp))_i <= cap.
   p_ent = jnp.matmul(L, w_ent, precision=hp)
   p_lp = jnp.matmul(L, w_lp, precision=hp)

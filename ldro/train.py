@@ -143,6 +143,7 @@ def make_train_step(
     gram_strategy: str = "grouped",
     chunk_size: Optional[int] = None,
     param_shardings: Optional[PyTree] = None,
+    losses_fn: Optional[Callable[..., tuple[Array, Any]]] = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   """Builds the multitask train step (pure; wrap it in ``jax.jit``).
 
@@ -160,6 +161,14 @@ def make_train_step(
     param_shardings: optional pytree like the params of ``NamedSharding`` (or
       ``PartitionSpec``, under a mesh): per-task gradients are constrained to
       it (with a replicated task axis), and so is the update.
+    losses_fn: optional, lean mode only: ``losses_fn(params, batch, rng) ->
+      (losses [N], aux)``, all task losses of the grouped batch in one call
+      (e.g. one model application on the flattened batch), used for the
+      step's forward/backward pass instead of ``vmap`` of ``task_loss_fn``
+      over tasks. The backward pass is then exactly an ordinary one even for
+      layers with a custom VJP, whose backward ``vmap`` would otherwise run
+      per task (see ``ldro.models.cnn.conv_same``). ``aux`` may hold
+      ``'count'`` ``[N]``. The Gram strategies still use ``task_loss_fn``.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; metrics hold ``task_losses``
@@ -170,6 +179,7 @@ def make_train_step(
   if gram_strategy not in lookahead.GRAM_STRATEGIES:
     raise ValueError(f"unknown Gram strategy {gram_strategy!r}; known: "
                      f"{', '.join(lookahead.GRAM_STRATEGIES)}.")
+  batched_losses_fn = losses_fn
 
   def step(state: TrainState, batch: PyTree):
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -193,7 +203,11 @@ def make_train_step(
       updates, opt_state = tx.update(task_grads, state.opt_state, state.params,
                                      task_losses=losses, task_mask=mask, key=tx_key)
     else:
-      losses, vjp_fn, aux = jax.vjp(losses_fn, state.params, has_aux=True)
+      if batched_losses_fn is not None:
+        all_losses = lambda params: batched_losses_fn(params, batch, loss_key)
+      else:
+        all_losses = losses_fn
+      losses, vjp_fn, aux = jax.vjp(all_losses, state.params, has_aux=True)
       mask = _task_mask(aux)
       scalar_loss = lambda p, tb_k: one_task(p, tb_k)[0]
       gram_fn = lambda: lookahead.compute_gram(

@@ -113,3 +113,28 @@ def test_jitted_train_step_decreases_loss_and_vmaps_over_tasks():
   np.testing.assert_allclose(out.reshape(16, 10),
                              jax.jit(model.apply)(params, x),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,kernel_size", [(3, (3, 3)), (5, (3, 3)), (8, (3, 5))])
+def test_same_conv_matches_flax_conv_values_and_gradients_everywhere(cin, kernel_size):
+  # cnn.SameConv (custom VJP: im2col for few input channels, canonical
+  # convolutions otherwise) == nn.Conv: same init, values, gradients, per-task
+  # gradients (vmap), jacrev, and gradients inside lax.cond / fori_loop.
+  x = jax.random.normal(jax.random.key(0), (4, 8, 6, cin))
+  ref, new = nn.Conv(7, kernel_size, padding="SAME"), cnn.SameConv(7, kernel_size)
+  p_ref, p_new = ref.init(jax.random.key(1), x), new.init(jax.random.key(1), x)
+  for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_new)):
+    np.testing.assert_array_equal(a, b)
+  p = jax.tree.map(lambda t: t + 0.1, p_ref)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  close = lambda a, b: jax.tree.map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+  close(ref.apply(p, x), new.apply(p, x))
+  for m_grad in (lambda m: jax.grad(loss(m), argnums=(0, 1))(p, x),
+                 lambda m: jax.vmap(jax.grad(loss(m)), in_axes=(None, 0))(p, x.reshape(2, 2, 8, 6, cin)),
+                 lambda m: jax.jacrev(lambda p: jnp.sin(m.apply(p, x)).sum((1, 2, 3)))(p),
+                 lambda m: jax.lax.cond(True, lambda: jax.grad(loss(m))(p, x),
+                                        lambda: jax.tree.map(jnp.zeros_like, p)),
+                 lambda m: jax.lax.fori_loop(0, 1, lambda i, acc: jax.grad(loss(m))(p, x),
+                                             jax.tree.map(jnp.zeros_like, p))):
+    close(jax.jit(lambda: m_grad(ref))(), jax.jit(lambda: m_grad(new))())
