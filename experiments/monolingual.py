@@ -2,7 +2,8 @@ r"""Monolingual baselines of the multilingual LM experiment (paper section 5.2).
 
     python -m experiments.monolingual --root=workdirs/multilingual \
         --gin_file=gin_configs/multilingual/monolingual.gin \
-        --gin_file=gin_configs/multilingual/cpu.gin [--languages=en,sw]
+        --gin_file=gin_configs/multilingual/cpu.gin \
+        --gin_file=gin_configs/multilingual/cpu_mono.gin [--languages=en,sw]
 
 Trains one model per language (the architecture, schedule and steps of the
 multilingual runs: the config's files plus ``LANGUAGES = ['<lang>']``) in

@@ -40,28 +40,33 @@ XTREME_LANGUAGES = (
     "af ar bg bn de el en es et eu fa fi fr he hi hu id it ja jv ka kk ko ml mr "
     "ms my nl pt ru sw ta te th tl tr ur vi yo zh").split()
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "/work/shared/data/multilingual",
-    "Folder holding <lang>.train.txt / <lang>.test.txt (and tatoeba/).")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size.")
-_OUT = flags.DEFINE_string(
-    "out", "assets/spm/xtreme40_8k",
-    "Output prefix: writes <out>.model and <out>.vocab.")
-_LANGUAGES = flags.DEFINE_list(
-    "languages", XTREME_LANGUAGES, "Comma-separated language codes.")
-_SENTENCES_PER_LANGUAGE = flags.DEFINE_integer(
-    "sentences_per_language", 2500,
-    "At most this many training lines are sampled per language.")
-_INCLUDE_TATOEBA = flags.DEFINE_bool(
-    "include_tatoeba", False,
-    "Also sample from <data_dir>/tatoeba/<lang>.train.txt.")
-_CHARACTER_COVERAGE = flags.DEFINE_float(
-    "character_coverage", 0.9995,
-    "SentencePiece character_coverage (rare characters use byte fallback).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sentence sampling.")
-_NUM_THREADS = flags.DEFINE_integer("num_threads", 2, "Trainer threads.")
-_REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Skip training; only print the report for <out>.model.")
+_FLAGS: dict = {}
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a program, so modules import cleanly)."""
+  _FLAGS['data_dir'] = flags.DEFINE_string(
+      "data_dir", "/work/shared/data/multilingual",
+      "Folder holding <lang>.train.txt / <lang>.test.txt (and tatoeba/).")
+  _FLAGS['vocab_size'] = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size.")
+  _FLAGS['out'] = flags.DEFINE_string(
+      "out", "assets/spm/xtreme40_8k",
+      "Output prefix: writes <out>.model and <out>.vocab.")
+  _FLAGS['languages'] = flags.DEFINE_list(
+      "languages", XTREME_LANGUAGES, "Comma-separated language codes.")
+  _FLAGS['sentences_per_language'] = flags.DEFINE_integer(
+      "sentences_per_language", 2500,
+      "At most this many training lines are sampled per language.")
+  _FLAGS['include_tatoeba'] = flags.DEFINE_bool(
+      "include_tatoeba", False,
+      "Also sample from <data_dir>/tatoeba/<lang>.train.txt.")
+  _FLAGS['character_coverage'] = flags.DEFINE_float(
+      "character_coverage", 0.9995,
+      "SentencePiece character_coverage (rare characters use byte fallback).")
+  _FLAGS['seed'] = flags.DEFINE_integer("seed", 0, "Seed of the sentence sampling.")
+  _FLAGS['num_threads'] = flags.DEFINE_integer("num_threads", 2, "Trainer threads.")
+  _FLAGS['report_only'] = flags.DEFINE_bool(
+      "report_only", False, "Skip training; only print the report for <out>.model.")
 
 
 def read_lines(path: str) -> List[str]:
@@ -205,20 +210,21 @@ def report(model_path: str, data_dir: str, languages: Sequence[str]) -> str:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  languages = list(_LANGUAGES.value)
-  model_path = _OUT.value + ".model"
-  if not _REPORT_ONLY.value:
-    sentences = sample_sentences(_DATA_DIR.value, languages,
-                                 _SENTENCES_PER_LANGUAGE.value,
-                                 _INCLUDE_TATOEBA.value, _SEED.value)
+  languages = list(_FLAGS['languages'].value)
+  model_path = _FLAGS['out'].value + ".model"
+  if not _FLAGS['report_only'].value:
+    sentences = sample_sentences(_FLAGS['data_dir'].value, languages,
+                                 _FLAGS['sentences_per_language'].value,
+                                 _FLAGS['include_tatoeba'].value, _FLAGS['seed'].value)
     print(f"Training on {sum(len(v) for v in sentences.values())} sentences "
           f"from {len(sentences)} languages.")
-    model_path = train(sentences, _OUT.value, _VOCAB_SIZE.value,
-                       _CHARACTER_COVERAGE.value, _NUM_THREADS.value)
+    model_path = train(sentences, _FLAGS['out'].value, _FLAGS['vocab_size'].value,
+                       _FLAGS['character_coverage'].value, _FLAGS['num_threads'].value)
     print(f"Wrote {model_path} ({os.path.getsize(model_path)} bytes) and "
-          f"{_OUT.value}.vocab")
-  print(report(model_path, _DATA_DIR.value, languages))
+          f"{_FLAGS['out'].value}.vocab")
+  print(report(model_path, _FLAGS['data_dir'].value, languages))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -116,7 +116,7 @@ def test_baselines_from_json(tmp_path):
 
 def test_every_multilingual_gin_file_parses():
   files = sorted(glob.glob(os.path.join(REPO, "gin_configs", "multilingual", "*.gin")))
-  sizes = {"base.gin", "cpu.gin", "small.gin", "paper.gin"}
+  sizes = {"base.gin", "cpu.gin", "cpu_mono.gin", "small.gin", "paper.gin"}
   methods = [f for f in files if os.path.basename(f) not in sizes]
   assert len(methods) >= 9
   gin.add_config_file_search_path(REPO)
@@ -134,6 +134,12 @@ def test_every_multilingual_gin_file_parses():
         if name.startswith("ldro"):
           assert gin.query_parameter("%UPDATE_EVERY") == {"": 1000, "cpu.gin": 100}.get(
               "".join(extra), 1000)
+    # Monolingual CPU models: as many rows per step as a multilingual CPU step.
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(
+        [os.path.join(REPO, "gin_configs", "multilingual", f)
+         for f in ("monolingual.gin", "cpu.gin", "cpu_mono.gin")], [])
+    assert gin.query_parameter("%ROWS_PER_LANGUAGE") == len(gin.query_parameter("%LANGUAGES"))
   finally:
     gin.clear_config()
 

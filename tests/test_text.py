@@ -269,3 +269,24 @@ def test_shared_corpus_smoke(vocab):
   ev = text.eval_batches({"jv": info["tasks"]["jv"]}, "test", 64, batch_size=64)
   weights = sum(b["decoder_loss_weights"].sum() for b in ev["jv"])
   assert weights > 1000
+
+
+def test_train_vocab_script_small(corpus, tmp_path):
+  """experiments/train_vocab.py: balanced sampling, T5 special ids, byte fallback, report."""
+  from experiments import train_vocab  # pylint: disable=g-import-not-at-top
+  langs = list(WORDS)
+  sampled = train_vocab.sample_sentences(corpus, langs, 25, include_tatoeba=True, seed=0)
+  assert [len(sampled[l]) for l in langs] == [25, 25, 25]  # capped per language
+  again = train_vocab.sample_sentences(corpus, langs, 25, include_tatoeba=True, seed=0)
+  assert again == sampled  # seeded
+  path = train_vocab.train(sampled, str(tmp_path / "spm" / "small"), vocab_size=300,
+                           character_coverage=1.0, num_threads=1)
+  voc = seqio.SentencePieceVocabulary(path)
+  assert (voc.vocab_size, voc.pad_id, voc.eos_id, voc.unk_id) == (300, 0, 1, 2)
+  for s in ["der hund liest", "mo fe lo si oja", "Привет ☃"]:  # unseen script: bytes, no <unk>
+    ids = voc.encode(s)
+    assert voc.unk_id not in ids and voc.decode(ids) == s
+  table = train_vocab.report(path, corpus, langs)
+  assert table.splitlines()[-1].startswith("all   unk% = 0.0000")
+  with pytest.raises(FileNotFoundError):
+    train_vocab.sample_sentences(corpus, ["xx"], 5, include_tatoeba=False, seed=0)
