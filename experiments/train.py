@@ -141,6 +141,10 @@ def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_t
     target = jax.tree_util.tree_map(abstract, state)
   failed = []
   for step in steps:
+    mismatch = _shape_mismatch(str(mngr.directory), step, target)
+    if mismatch:  # decided from metadata: a failing orbax restore leaves noisy threads
+      failed.append((step, ValueError(mismatch)))
+      continue
     try:
       restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
       if int(restored.step) != int(step):
@@ -166,6 +170,32 @@ def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_t
       f"no checkpoint in {mngr.directory} (steps {steps}) can be restored into this run's state; "
       f"was the workdir written with another config? Checkpoint {step}: {type(e).__name__}: "
       f"{_first_line(e)[:300]}")
+
+
+def _shape_mismatch(directory: str, step: int, target) -> Optional[str]:
+  """Why checkpoint ``step`` cannot hold ``target`` (array shapes/dtypes), else None.
+
+  Compares the multisets of (shape, dtype) of the checkpoint's metadata and of
+  the target, so tree naming does not matter; unreadable metadata returns None
+  (the restore then decides).
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    reader = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
+    try:
+      meta = reader.item_metadata(step)
+    finally:
+      reader.close()
+    got = sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree_util.tree_leaves(meta))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(target))
+  if got == want:
+    return None
+  only_run = [x for x in want if x not in got][:3]
+  only_ckpt = [x for x in got if x not in want][:3]
+  return (f"this run's state is not compatible with the stored shapes: arrays (shape, dtype) "
+          f"only in this run {only_run}, only in the checkpoint {only_ckpt}")
 
 
 def _first_line(e: BaseException) -> str:
@@ -283,52 +313,65 @@ def train_and_evaluate(
       donate_argnums=0)
 
   mngr = _checkpoint_manager(workdir, keep_checkpoints)
-  state, start = _restore(mngr, state, state_shardings)
-  # Records after the checkpoint are rewritten: drop them (and their TB events).
-  writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1 if start > 0 else 0)
-  writer.truncate_after(start if start > 0 else -1)
-  say = (lambda s: print(s, flush=True)) if (is_main and not quiet) else (lambda s: None)
-  if start:
-    say(f"resumed from checkpoint at step {start} in {workdir}")
-  if start >= num_steps:
-    say(f"already trained for {start} >= {num_steps} steps")
-  records = []
-  if start == 0:
-    rec = evaluation_record(exp, state, None)
-    writer.write(rec)
-    records.append(rec)
+  writer = None
+  try:
+    state, start = _restore(mngr, state, state_shardings)
+    # Records after the checkpoint are rewritten: drop them (and their TB events).
+    writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1 if start > 0 else 0)
+    writer.truncate_after(start if start > 0 else -1)
+    say = (lambda s: print(s, flush=True)) if (is_main and not quiet) else (lambda s: None)
+    if start:
+      say(f"resumed from checkpoint at step {start} in {workdir}")
+    if start >= num_steps:
+      say(f"already trained for {start} >= {num_steps} steps")
+    records = []
+    if start == 0:
+      rec = evaluation_record(exp, state, None)
+      writer.write(rec)
+      records.append(rec)
 
-  config_written = False
-  t0, steps_since = time.perf_counter(), 0
-  train_metrics = None
-  for step in range(start, num_steps):
-    # Multi-host: each process keeps its slice (sharding.process_slice) of the global batch.
-    batch = sharding.shard_batch(exp.train_batch(step), mesh, task_grouped=mode != "plain")
-    state, train_metrics = step_fn(state, batch)
-    steps_since += 1
-    done = step + 1
-    if not config_written and is_main:
-      config_path = os.path.join(workdir, "config.gin")
-      with open(config_path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never
-        f.write(gin.operative_config_str())                        # leaves a torn file
-      os.replace(config_path + ".tmp", config_path)
-      config_written = True
-    last = done == num_steps
-    if done % log_every == 0 or done % eval_every == 0 or last:
-      _check_finite(state, exp, nonfinite, say)
-      jax.block_until_ready(train_metrics)
-      rate = steps_since / max(time.perf_counter() - t0, 1e-9)
-      if done % eval_every == 0 or last:
-        rec = evaluation_record(exp, state, jax.device_get(train_metrics))
-        writer.write(rec)
-        records.append(rec)
-        say(_format_line(done, num_steps, rate, exp, rec))
-      else:
-        say(_format_line(done, num_steps, rate, exp,
-                         jax.device_get(train_metrics["task_losses"])))
-      t0, steps_since = time.perf_counter(), 0
-    if done % checkpoint_every == 0 or last:
-      mngr.save(done, args=_save_args(state))
+    config_written = False
+    t0, steps_since = time.perf_counter(), 0
+    train_metrics = None
+    for step in range(start, num_steps):
+      # Multi-host: each process keeps its slice (sharding.process_slice) of the global batch.
+      batch = sharding.shard_batch(exp.train_batch(step), mesh, task_grouped=mode != "plain")
+      state, train_metrics = step_fn(state, batch)
+      steps_since += 1
+      done = step + 1
+      if not config_written and is_main:
+        config_path = os.path.join(workdir, "config.gin")
+        with open(config_path + ".tmp", "w", encoding="utf-8") as f:  # atomic: a kill never
+          f.write(gin.operative_config_str())                        # leaves a torn file
+        os.replace(config_path + ".tmp", config_path)
+        config_written = True
+      last = done == num_steps
+      if done % log_every == 0 or done % eval_every == 0 or last:
+        _check_finite(state, exp, nonfinite, say)
+        jax.block_until_ready(train_metrics)
+        rate = steps_since / max(time.perf_counter() - t0, 1e-9)
+        if done % eval_every == 0 or last:
+          rec = evaluation_record(exp, state, jax.device_get(train_metrics))
+          writer.write(rec)
+          records.append(rec)
+          say(_format_line(done, num_steps, rate, exp, rec))
+        else:
+          say(_format_line(done, num_steps, rate, exp,
+                           jax.device_get(train_metrics["task_losses"])))
+        t0, steps_since = time.perf_counter(), 0
+      if done % checkpoint_every == 0 or last:
+        mngr.save(done, args=_save_args(state))
+  except BaseException:
+    # Finish or drop pending async saves and stop orbax's threads before the error
+    # propagates, so the process ends with one error line, not a thread traceback.
+    try:
+      mngr.wait_until_finished()
+      mngr.close()
+    finally:
+      if writer is not None:
+        writer.close()
+      _unlock_workdir(lock)
+    raise
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
@@ -443,7 +486,11 @@ def main(argv: Sequence[str]) -> None:
           NotImplementedError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
     print(f"error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.stdout.flush()
+    # Nothing is pending (the checkpoint manager was closed on the way out); skip the
+    # interpreter's shutdown, where a failed orbax/tensorstore restore's leftover
+    # callbacks can print "Event loop is closed" tracebacks after the one error line.
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":
