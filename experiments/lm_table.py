@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import metrics_io
 from ldro import metrics as ldro_metrics
 
 _FLAGS: dict = {}
@@ -70,29 +71,6 @@ def classify(run: str) -> tuple[str, str]:
       g["rest"] = f" ({g['rest'].lstrip('_')})" if g["rest"] else ""
     return method, label.format(**g)
   return run, run
-
-
-def read_metrics(path: str) -> list[dict]:
-  """Records of a ``metrics.jsonl`` (torn lines skipped)."""
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
-
-
-def select_best(records: Sequence[dict]) -> Optional[dict]:
-  """The evaluation with the best (lowest) average validation loss."""
-  scored = [r for r in records if r.get("task_loss")]
-  if not scored:
-    return None
-  return min(scored, key=lambda r: (float(np.mean(r["task_loss"])), r["step"]))
 
 
 def _perplexities(rec: dict, split: str) -> np.ndarray:
@@ -151,7 +129,7 @@ def build_table(root: str, mono_path: Optional[str] = None, split: str = "test")
     path = os.path.join(run_dir, "metrics.jsonl")
     if name == "mono" or not os.path.isfile(path):
       continue
-    best = select_best(read_metrics(path))
+    best = metrics_io.best_record(metrics_io.read_metrics(path))
     if best is None:
       continue
     n = len(best["task_loss"])

@@ -37,6 +37,7 @@ from absl import logging
 import gin
 import numpy as np
 
+from experiments import metrics_io
 from experiments import train as train_lib  # defines --gin_file and --gin_bindings
 
 _FLAGS: dict = {}
@@ -54,34 +55,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "gin_configs", "multilingual", "monolingual.gin")
 
 
-def read_metrics(path: str) -> list[dict]:
-  """Records of a ``metrics.jsonl`` (torn lines skipped)."""
-  out = []
-  if not os.path.exists(path):
-    return out
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
-
-
-def best_record(records: Sequence[dict]) -> Optional[dict]:
-  """The evaluation with the lowest average validation loss (paper section 5.2.1)."""
-  scored = [r for r in records if r.get("task_loss")]
-  if not scored:
-    return None
-  return min(scored, key=lambda r: (float(np.mean(r["task_loss"])), r["step"]))
-
-
 def summarize_language(workdir: str) -> Optional[dict]:
   """The baseline entry of one monolingual run (None if it has no evaluation)."""
-  rec = best_record(read_metrics(os.path.join(workdir, "metrics.jsonl")))
+  rec = metrics_io.best_record(metrics_io.read_metrics(os.path.join(workdir, "metrics.jsonl")))
   if rec is None:
     return None
   entry = {"step": int(rec["step"]),
@@ -99,7 +75,7 @@ def _parse(files: Sequence[str], bindings: Sequence[str]) -> None:
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
-  recs = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  recs = metrics_io.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   return bool(recs) and max(r["step"] for r in recs) >= num_steps
 
 

@@ -36,6 +36,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from experiments import metrics_io
 from ldro import metrics as ldro_metrics
 
 METHOD_LABELS = {
@@ -46,20 +47,6 @@ METHOD_COLORS = {
     "ldro": "tab:blue", "static": "tab:green", "equal": "tab:green", "dro": "tab:red",
     "pcgrad": "tab:orange", "avg_max": "tab:purple", "rlw": "tab:brown", "rgw": "tab:gray",
 }
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:  # a torn last line of a running or killed run
-        continue
-  return records
 
 
 def collect_points(root: str, metric: str = "accuracy") -> list[dict]:
@@ -100,7 +87,7 @@ def collect_points(root: str, metric: str = "accuracy") -> list[dict]:
         seed = int(info["seed"])
     if not method:
       method = os.path.basename(run_dir).split("-", 1)[0]
-    for rec in _read_jsonl(os.path.join(dirpath, "metrics.jsonl")):
+    for rec in metrics_io.read_metrics(os.path.join(dirpath, "metrics.jsonl")):
       if f"avg_{metric}" not in rec or f"worst_{metric}" not in rec:
         continue
       points.append({"method": method, "run": run, "seed": seed, "step": int(rec["step"]),

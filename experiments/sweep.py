@@ -40,6 +40,8 @@ from typing import Callable, Optional, Sequence
 from absl import app
 from absl import flags
 
+from experiments import metrics_io
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's grids (section 5.1).
@@ -187,19 +189,8 @@ def _status(workdir: str) -> str:
 
 
 def _last_record(workdir: str) -> Optional[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  last = None
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          last = json.loads(line)
-        except json.JSONDecodeError:
-          pass
-  return last
+  records = metrics_io.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return records[-1] if records else None
 
 
 def _summary(rec: Optional[dict]) -> str:

@@ -31,6 +31,7 @@ import ldro
 from ldro import metrics as ldro_metrics
 from ldro import train as ldro_train
 from experiments import configurables
+from experiments import metrics_io
 from experiments import experiment as experiment_lib
 from experiments import sharding
 
@@ -68,28 +69,21 @@ class MetricsWriter:
     """Drops records with ``step > step`` (written after the checkpoint we resume from)."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    keep = []
-    with open(self.path, encoding="utf-8") as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line from a crash
-          continue
-        if rec["step"] <= step:
-          keep.append(line)
+    keep = [r for r in metrics_io.read_metrics(self.path) if r["step"] <= step]
     tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write("".join(l + "\n" for l in keep))
+    with open(tmp, "w", encoding="utf-8") as f:  # the same lines write() made
+      f.write("".join(self._line(r) for r in keep))
     os.replace(tmp, self.path)
+
+  @staticmethod
+  def _line(record: dict) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+      f.write(self._line(record))
       f.flush()
       os.fsync(f.fileno())
     if self._tb is not None:
