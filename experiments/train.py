@@ -107,8 +107,9 @@ def _checkpoint_manager(workdir: str, keep: int):
   # (``<step>.orbax-checkpoint-tmp-*``); they are never restored from.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True)
+  # The standard handler, named up front, also lets item_metadata() read shapes.
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options)
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_train.TrainState, int]:
@@ -135,7 +136,7 @@ def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_t
     target = jax.tree_util.tree_map(abstract, state)
   failed = []
   for step in steps:
-    mismatch = _shape_mismatch(str(mngr.directory), step, target)
+    mismatch = _shape_mismatch(mngr, step, target)
     if mismatch:  # decided from metadata: a failing orbax restore leaves noisy threads
       failed.append((step, ValueError(mismatch)))
       continue
@@ -166,20 +167,15 @@ def _restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_t
       f"{_first_line(e)[:300]}")
 
 
-def _shape_mismatch(directory: str, step: int, target) -> Optional[str]:
+def _shape_mismatch(mngr, step: int, target) -> Optional[str]:
   """Why checkpoint ``step`` cannot hold ``target`` (array shapes/dtypes), else None.
 
   Compares the multisets of (shape, dtype) of the checkpoint's metadata and of
   the target, so tree naming does not matter; unreadable metadata returns None
   (the restore then decides).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
-    reader = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
-    try:
-      meta = reader.item_metadata(step)
-    finally:
-      reader.close()
+    meta = mngr.item_metadata(step)
     got = sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree_util.tree_leaves(meta))
   except Exception:  # pylint: disable=broad-except
     return None
@@ -355,9 +351,9 @@ def train_and_evaluate(
         t0, steps_since = time.perf_counter(), 0
       if done % checkpoint_every == 0 or last:
         mngr.save(done, args=_save_args(state))
-  except BaseException:
-    # Finish or drop pending async saves and stop orbax's threads before the error
-    # propagates, so the process ends with one error line, not a thread traceback.
+  finally:
+    # Also on errors: finish pending async saves and stop orbax's threads before the
+    # error propagates, so the process ends with one error line, not a thread traceback.
     try:
       mngr.wait_until_finished()
       mngr.close()
@@ -365,11 +361,6 @@ def train_and_evaluate(
       if writer is not None:
         writer.close()
       _unlock_workdir(lock)
-    raise
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
-  _unlock_workdir(lock)
   return records
 
 
