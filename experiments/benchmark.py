@@ -37,13 +37,22 @@ Usage::
     python -m experiments.benchmark                # full (~12 min on 2 CPU cores)
     python -m experiments.benchmark --quick        # CI-sized (tiny sizes, ~1 min)
 
-The command re-executes itself under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-(``--no_hugetlb`` to skip; see :func:`_reexec_with_hugetlb`), and, in the full
-run, measures the small CNN once more without it in a child process.
+Like the training programs, the command runs under the CPU settings of
+:mod:`experiments.cpu_runtime` (Eigen rather than YNNPACK convolutions,
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; it re-executes itself to apply
+them; ``--untuned`` to skip), and, in the full run, measures the small CNN once
+more without each of them in child processes.
 
 Writes ``<out>/benchmark.json``, ``<out>/benchmark.md`` and
 ``<out>/scaling.png`` (default ``--out=results/benchmark``).
 """
+
+import sys
+
+# Before JAX starts (see experiments/cpu_runtime.py).
+if __name__ == "__main__" and "--untuned" not in sys.argv:
+  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+  _cpu_runtime.configure_process("experiments.benchmark")
 
 import argparse
 import json
@@ -53,7 +62,6 @@ import resource
 import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Callable, Optional
@@ -70,6 +78,7 @@ from ldro import train as ldro_train
 from ldro.lookahead_dro import LookaheadDROState
 from ldro.models import cnn
 from ldro.models import decoder as decoder_lib
+from experiments import cpu_runtime
 
 PyTree = Any
 
@@ -743,10 +752,15 @@ def to_markdown(res: dict) -> str:
       lines.append(f"| {r['label']} | {r['steps']} | {r['step_ms']:.2f} | "
                    f"{r['steps_per_s']:.2f} | {r['ratio_to_plain']:.3f} |")
     lines.append("")
-  if res.get("allocator_check"):
-    lines += ["### Allocator: the same small-CNN steps without `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`",
-              "", "| method | step ms | x plain | page faults / ordinary step |", "|---|---|---|---|"]
-    for r in res["allocator_check"]["rows"]:
+  for name in CHILD_CHECKS:
+    check = res.get(f"{name}_check")
+    if not check:
+      continue
+    lines += [f"### The same small-CNN steps {check['what']} (child process)", "",
+              f"`XLA_FLAGS='{check['xla_flags']}'`, "
+              f"`GLIBC_TUNABLES='{check['glibc_tunables']}'`", "",
+              "| method | step ms | x plain | page faults / ordinary step |", "|---|---|---|---|"]
+    for r in check["rows"]:
       lines.append(f"| {r['label']} | {r['step_ms']:.2f} | {r['ratio_to_plain']:.3f} | "
                    f"{r['page_faults_per_step']:.0f} |")
     lines.append("")
@@ -841,14 +855,16 @@ def parse_args(argv=None):
   p.add_argument("--out", default=None,
                  help="output folder (default results/benchmark, or results/benchmark/quick "
                       "with --quick, so a quick run never overwrites the full results).")
-  p.add_argument("--sections", default="cnn,direct,allocator,torch,lm,scaling,memory,solvers",
-                 help="comma-separated subset of cnn,direct,allocator,torch,lm,scaling,memory,"
-                      "solvers.")
+  p.add_argument("--sections",
+                 default="cnn,direct,allocator,convs,torch,lm,scaling,memory,solvers",
+                 help="comma-separated subset of cnn,direct,allocator,convs,torch,lm,scaling,"
+                      "memory,solvers.")
   p.add_argument("--cnn_models", default=None, help="e.g. 'small,large'.")
   p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds.")
   p.add_argument("--scaling_ns", default=None, help="e.g. '2,5,10,20,50,100'.")
-  p.add_argument("--no_hugetlb", action="store_true",
-                 help="do not re-run under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (see README).")
+  p.add_argument("--untuned", action="store_true",
+                 help="run in the environment as given: no re-exec under the settings of "
+                      "experiments/cpu_runtime.py (see README).")
   p.add_argument("--methods", default=None,
                  help="only the methods whose label contains one of these comma-separated "
                       "strings (plain is always timed).")
@@ -857,49 +873,40 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-HUGETLB = "glibc.malloc.hugetlb=1"
+#: Child checks of the full run: the small-CNN rows with one setting undone.
+CHILD_CHECKS = {
+    "allocator": ("without GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
+                  lambda env: {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}),
+    "convs": ("with XLA:CPU's default (YNNPACK) convolutions",
+              lambda env: dict(env, XLA_FLAGS=" ".join(
+                  f for f in env.get("XLA_FLAGS", "").split()
+                  if not f.startswith(cpu_runtime.YNN_OPTION)))),
+}
 
 
-def _reexec_with_hugetlb(args, argv) -> None:
-  """Re-runs this command under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``.
-
-  XLA:CPU allocates each execution's temporaries afresh; large blocks come
-  from ``mmap``, so every step faults in (and the kernel zeroes) its whole
-  temporary arena in 4 KiB pages -- ~19k page faults and a third of the CPU
-  time of a small-CNN step here. With transparent huge pages on ``madvise``,
-  this glibc tunable makes malloc use 2 MiB pages: ~50x fewer faults. glibc
-  reads tunables at start-up, hence the re-exec.
-  """
-  if args.no_hugetlb or HUGETLB in os.environ.get("GLIBC_TUNABLES", "") or argv is not None:
-    return
-  env = dict(os.environ)
-  env["GLIBC_TUNABLES"] = ":".join(x for x in (env.get("GLIBC_TUNABLES"), HUGETLB) if x)
-  sys.stdout.flush()
-  os.execve(sys.executable, [sys.executable, "-m", "experiments.benchmark"] + sys.argv[1:], env)
-
-
-def allocator_check(methods: str, rounds: int, log) -> Optional[dict]:
-  """The small-CNN rows again in a child process *without* the hugetlb tunable."""
+def child_check(name: str, methods: str, rounds: int, log) -> Optional[dict]:
+  """The small-CNN rows again in a child process with one CPU setting undone."""
+  what, undo = CHILD_CHECKS[name]
   with tempfile.TemporaryDirectory() as tmp:
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env = undo(cpu_runtime.tuned_env())
     cmd = [sys.executable, "-m", "experiments.benchmark", "--sections", "cnn", "--cnn_models",
-           "small", "--methods", methods, "--rounds", str(rounds), "--no_hugetlb", "--out", tmp]
+           "small", "--methods", methods, "--rounds", str(rounds), "--untuned", "--out", tmp]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     path = os.path.join(tmp, "benchmark.json")
     if proc.returncode != 0 or not os.path.exists(path):
-      log(f"    allocator check failed: {proc.stderr[-500:]}")
+      log(f"    {name} check failed: {proc.stderr[-500:]}")
       return None
     with open(path, encoding="utf-8") as f:
       rows = json.load(f)["cnn"]["small"]["rows"]
   for r in rows:
-    log(f"    without hugetlb: {r['label']:36s} {r['step_ms']:8.2f} ms x{r['ratio_to_plain']:.3f} "
+    log(f"    {what}: {r['label']:36s} {r['step_ms']:8.2f} ms x{r['ratio_to_plain']:.3f} "
         f"({r['page_faults_per_step']:.0f} page faults/step)")
-  return {"glibc_tunables": "", "rows": rows}
+  return {"what": what, "xla_flags": env.get("XLA_FLAGS", ""),
+          "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "rows": rows}
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  _reexec_with_hugetlb(args, argv)
   if args.out is None:
     args.out = "results/benchmark/quick" if args.quick else "results/benchmark"
   quick = args.quick
@@ -909,8 +916,8 @@ def main(argv=None) -> dict:
   command = "python -m experiments.benchmark" + (
       " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
       if (sys.argv[1:] if argv is None else argv) else "")
-  if HUGETLB in os.environ.get("GLIBC_TUNABLES", "") and not args.no_hugetlb:
-    command += "  # (re-runs itself under GLIBC_TUNABLES=glibc.malloc.hugetlb=1)"
+  if not args.untuned and argv is None:
+    command += "  # (re-runs itself under experiments/cpu_runtime.py's settings)"
   res: dict = {"quick": quick, "command": command.strip(),
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "machine": machine_info()}
@@ -971,10 +978,11 @@ def main(argv=None) -> dict:
         specs = [m for m in cnn_methods if m["label"] in ("L-DRO T=100 (lean, grouped)",
                                                           "L-DRO T=100 (jacobian)")]
         res["direct"] = bench_direct(wl, specs, direct_steps, 3, log)
-  if "allocator" in sections and not quick and args.no_hugetlb is False:
-    log("== allocator check: small CNN without GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
-    res["allocator_check"] = allocator_check(
-        "L-DRO T=100 (lean, grouped),PCGrad,group DRO", max(2, rounds // 2), log)
+  for name in CHILD_CHECKS:
+    if name in sections and not quick and not args.untuned:
+      log(f"== {name} check: small CNN {CHILD_CHECKS[name][0]}")
+      res[f"{name}_check"] = child_check(
+          name, "L-DRO T=100 (lean, grouped),PCGrad,group DRO", max(2, rounds // 2), log)
   if "torch" in sections:
     log("== PyTorch plain step (if torch is importable)")
     res["torch"] = bench_torch(models[0], n_cnn, per_task, 3 if quick else 5, 2 if quick else 10,

@@ -6,7 +6,7 @@ the synthetic, image-classification and language-modelling experiments.
 """
 
 import abc
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gin
 import jax
@@ -46,6 +46,15 @@ class Experiment(abc.ABC):
   @abc.abstractmethod
   def task_loss(self, params: PyTree, task_batch: PyTree, rng: jax.Array):
     """``(loss, aux)`` of one task on its slice of a task-grouped batch."""
+
+  #: Optional ``grouped_losses(params, batch, rng) -> (losses [N], aux)``: all
+  #: task losses of a task-grouped batch in one call (e.g. one model application
+  #: on the flattened batch), with the same values and ``aux`` structure as
+  #: ``vmap`` of :meth:`task_loss` over tasks. Lean mode then uses it for the
+  #: step's forward/backward pass (``ldro.train.make_train_step(losses_fn=)``),
+  #: which is then as cheap as an ordinary step. ``None``: ``vmap`` of
+  #: :meth:`task_loss`.
+  grouped_losses: Optional[Callable[..., Any]] = None
 
   @abc.abstractmethod
   def train_batch(self, step: int) -> PyTree:

@@ -177,6 +177,29 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
     return loss, {"accuracy": acc}
 
+  def grouped_losses(self, params: PyTree, batch: PyTree, rng: jax.Array):
+    """All task losses of a grouped batch from one model application.
+
+    Equal to ``vmap`` of :meth:`task_loss` over the task axis (same aux), but
+    the backward pass is one ordinary pass over ``N * b`` images (lean mode's
+    step then costs what a plain step costs; see ``results/benchmark``).
+
+    Args:
+      params: model variables.
+      batch: ``{'image': [N, b, H, W, C], 'label': [N, b]}``.
+      rng: unused.
+
+    Returns:
+      ``(losses [N], {'accuracy': [N]})``.
+    """
+    del rng
+    images, labels = batch["image"], batch["label"]
+    logits = self.model.apply(params, images.reshape((-1,) + images.shape[2:]))
+    logits = logits.astype(jnp.float32).reshape(labels.shape + logits.shape[-1:])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=1)
+    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
+    return losses, {"accuracy": acc}
+
   def train_batch(self, step: int) -> PyTree:
     """The task-grouped batch of ``step``: ``{'image': [N, b, ...], 'label': [N, b]}``."""
     return self.batcher.batch(step)

@@ -25,6 +25,10 @@ a subset (e.g. to split the work over processes). The JSON always covers every
 language of the config that has a finished run.
 """
 
+if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
+  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+  _cpu_runtime.configure_process("experiments.monolingual")
+
 import json
 import os
 import shutil

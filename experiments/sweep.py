@@ -27,6 +27,10 @@ are then relative to the current directory: run from the repository root).
 The sweeps (paper section 5.1, Appendices A-B) are defined in :data:`SWEEPS`.
 """
 
+if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
+  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+  _cpu_runtime.configure_process("experiments.sweep")
+
 import dataclasses
 import json
 import os

@@ -9,6 +9,10 @@ noise on losses and gradients, then writes ``figure2.png`` (trajectories
 over the plane) and ``summary.json`` (final losses, weight instability).
 """
 
+if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
+  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+  _cpu_runtime.configure_process("experiments.synthetic")
+
 import json
 import os
 import shutil

@@ -12,6 +12,10 @@ JSON object per evaluation), TensorBoard events under ``tb/`` and orbax
 checkpoints under ``checkpoints/``.
 """
 
+if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
+  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+  _cpu_runtime.configure_process("experiments.train")
+
 import json
 import os
 import sys
@@ -287,7 +291,7 @@ def train_and_evaluate(
     tx = optax.chain(weighting, *configurables.optimizer())
     step_builder = lambda ps: ldro_train.make_train_step(
         exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
-        param_shardings=ps)
+        param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None)
 
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)

@@ -35,6 +35,25 @@ def test_max_pool_2x2_matches_flax_values_and_grads(shape):
   np.testing.assert_array_equal(grad, grad_ref)
 
 
+def test_max_pool_2x2_ties_and_vmap_match_flax_grads():
+  # Many ties (ReLU zeros, a few quantised values): the cotangent must go to
+  # the first maximal element of each window, as select_and_scatter does.
+  x = jnp.round(jax.random.normal(jax.random.key(2), (3, 4, 6, 6, 5)))
+  x = jnp.maximum(x, 0.0).at[0, 0].set(1.0)  # a whole image of equal values
+  cot = jax.random.normal(jax.random.key(3), (3, 4, 3, 3, 5))
+
+  def grad(pool):
+    def one(x, c):
+      return jax.grad(lambda x: jnp.sum(pool(x) * c))(x)
+    return jax.jit(jax.vmap(one))(x, cot)
+
+  ref = grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(grad(cnn.max_pool_2x2), ref)
+  # Each window passes its cotangent exactly once (no tie splitting).
+  np.testing.assert_allclose(grad(cnn.max_pool_2x2).reshape(3, 4, 3, 2, 3, 2, 5).sum((3, 5)),
+                             cot, rtol=1e-6)
+
+
 def test_max_pool_2x2_rejects_non_nhwc():
   with pytest.raises(ValueError):
     cnn.max_pool_2x2(jnp.zeros((4, 4, 3)))

@@ -1,0 +1,102 @@
+"""Process-level CPU settings for the experiment programs (set before JAX starts).
+
+Two settings, each measured on the small CNN of Section 5.1 (N=20, batch 120,
+2 cores; ``results/benchmark/README.md``):
+
+* ``XLA_FLAGS += --xla_cpu_experimental_ynn_fusion_type=-individual_convolution``:
+  XLA:CPU (jaxlib 0.10) runs convolutions through YNNPACK by default, which is
+  ~2x slower than its Eigen kernels for these shapes (second conv layer:
+  6.2 ms forward, 9.5 ms kernel gradient, against 3.2 ms and 6.0 ms). The flag
+  hands convolutions back to Eigen and keeps YNNPACK for dots (the decoder's
+  steps are unchanged). A plain step: ~42 ms -> ~31 ms.
+* ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: XLA:CPU allocates each
+  execution's temporaries afresh; glibc serves large blocks by ``mmap``, so
+  every step faults its whole temporary arena in, 4 KiB at a time (~18k page
+  faults per small-CNN step, a third of its CPU time in the kernel). With
+  transparent huge pages on ``madvise`` this tunable makes malloc use 2 MiB
+  pages (~50x fewer faults). glibc reads tunables at start-up only, hence a
+  re-exec of the program.
+
+Neither changes what is computed beyond float round-off of the convolutions.
+``LDRO_CPU_TUNING=0`` in the environment turns both off; a ``XLA_FLAGS`` that
+already names the YNN option is left as it is. Library code (``ldro``) never
+sets process state; only the programs under ``experiments/`` call
+:func:`configure_process`, first thing, before importing JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+YNN_OPTION = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_FLAG = YNN_OPTION + "=-individual_convolution"
+HUGETLB = "glibc.malloc.hugetlb=1"
+OPT_OUT = "LDRO_CPU_TUNING"
+
+__all__ = ["configure_process", "describe", "tuned_env", "YNN_FLAG", "HUGETLB"]
+
+
+def tuned_env(env: Optional[dict] = None) -> dict:
+  """A copy of ``env`` (default ``os.environ``) with both settings added.
+
+  Unchanged where ``LDRO_CPU_TUNING=0``; an existing YNN option in
+  ``XLA_FLAGS`` or an existing hugetlb tunable is kept.
+  """
+  env = dict(os.environ if env is None else env)
+  if env.get(OPT_OUT, "1") == "0":
+    return env
+  flags = env.get("XLA_FLAGS", "")
+  if YNN_OPTION not in flags:
+    env["XLA_FLAGS"] = (flags + " " + YNN_FLAG).strip()
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if HUGETLB not in tunables and sys.platform.startswith("linux"):
+    env["GLIBC_TUNABLES"] = ":".join(x for x in (tunables, HUGETLB) if x)
+  return env
+
+
+def configure_process(module: str, argv: Optional[Sequence[str]] = None) -> None:
+  """Applies :func:`tuned_env` to this process, re-executing it if glibc must see it.
+
+  Call it at the top of a program's ``__main__`` block, before JAX is imported
+  (XLA reads ``XLA_FLAGS`` when its CPU client starts; glibc reads
+  ``GLIBC_TUNABLES`` at process start). The re-exec keeps the PID, so
+  supervisors and signal handling see the same process.
+
+  Args:
+    module: the program as ``python -m`` names it, e.g. ``"experiments.train"``.
+    argv: its arguments (default ``sys.argv[1:]``).
+  """
+  env = tuned_env()
+  if env == dict(os.environ):
+    return
+  if "jax" in sys.modules:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():
+      raise RuntimeError("cpu_runtime.configure_process() must run before JAX starts its "
+                         "backends; call it first thing in the program.")
+  if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES"):
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", module] + args, env)
+  os.environ.update(env)
+
+
+def describe() -> dict:
+  """The settings this process runs under (for result files)."""
+  return {"XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+          "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+          OPT_OUT: os.environ.get(OPT_OUT, "")}
+
+
+if __name__ == "__main__":
+  # `python -m experiments.cpu_runtime`: applies the settings and prints them
+  # (with the PID before and after, which the re-exec keeps) as JSON.
+  import json  # pylint: disable=g-import-not-at-top
+  if "LDRO_PID_BEFORE" not in os.environ:
+    os.environ["LDRO_PID_BEFORE"] = str(os.getpid())
+  configure_process("experiments.cpu_runtime")
+  print(json.dumps(dict(describe(), pid_before=int(os.environ["LDRO_PID_BEFORE"]),
+                        pid=os.getpid())))

@@ -1,0 +1,44 @@
+"""Tests for experiments.cpu_runtime (process settings of the experiment programs)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from experiments import cpu_runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_tuned_env_adds_both_settings_and_keeps_the_users():
+  env = cpu_runtime.tuned_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                               "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                      cpu_runtime.YNN_FLAG]
+  if sys.platform.startswith("linux"):
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + cpu_runtime.HUGETLB
+  # A user's own YNN setting wins; applying twice changes nothing.
+  own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
+  assert cpu_runtime.tuned_env(own)["XLA_FLAGS"] == own["XLA_FLAGS"]
+  assert cpu_runtime.tuned_env(env) == env
+
+
+def test_opt_out_leaves_the_environment_alone():
+  env = {"LDRO_CPU_TUNING": "0", "XLA_FLAGS": ""}
+  assert cpu_runtime.tuned_env(env) == env
+
+
+def test_program_applies_them_before_jax_keeping_its_pid():
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LDRO_CPU_TUNING")}
+  out = subprocess.run([sys.executable, "-m", "experiments.cpu_runtime"], cwd=REPO, env=env,
+                       capture_output=True, text=True, check=True, timeout=120)
+  got = json.loads(out.stdout)
+  assert got["XLA_FLAGS"] == cpu_runtime.YNN_FLAG
+  assert got["pid"] == got["pid_before"]
+  if sys.platform.startswith("linux"):
+    assert got["GLIBC_TUNABLES"] == cpu_runtime.HUGETLB
+  out = subprocess.run([sys.executable, "-m", "experiments.cpu_runtime"], cwd=REPO,
+                       env=dict(env, LDRO_CPU_TUNING="0"), capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert json.loads(out.stdout)["XLA_FLAGS"] == ""
