@@ -875,7 +875,7 @@ def parse_args(argv=None):
 
 #: Child checks of the full run: the small-CNN rows with one setting undone.
 CHILD_CHECKS = {
-    "allocator": ("without GLIBC_TUNABLES=glibc.malloc.hugetlb=1",
+    "allocator": ("without the malloc tunables (GLIBC_TUNABLES unset)",
                   lambda env: {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}),
     "convs": ("with XLA:CPU's default (YNNPACK) convolutions",
               lambda env: dict(env, XLA_FLAGS=" ".join(

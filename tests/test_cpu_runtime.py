@@ -12,11 +12,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_tuned_env_adds_both_settings_and_keeps_the_users():
   env = cpu_runtime.tuned_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                               "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+                               "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.rtld.x=1"})
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
                                       cpu_runtime.YNN_FLAG]
   if sys.platform.startswith("linux"):
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + cpu_runtime.HUGETLB
+    assert env["GLIBC_TUNABLES"] == ("glibc.malloc.arena_max=2:glibc.rtld.x=1:glibc.malloc.hugetlb=1:"
+                                     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296")
   # A user's own YNN setting wins; applying twice changes nothing.
   own = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_dot"}
   assert cpu_runtime.tuned_env(own)["XLA_FLAGS"] == own["XLA_FLAGS"]
@@ -37,7 +38,7 @@ def test_program_applies_them_before_jax_keeping_its_pid():
   assert got["XLA_FLAGS"] == cpu_runtime.YNN_FLAG
   assert got["pid"] == got["pid_before"]
   if sys.platform.startswith("linux"):
-    assert got["GLIBC_TUNABLES"] == cpu_runtime.HUGETLB
+    assert got["GLIBC_TUNABLES"] == ":".join(f"{k}={v}" for k, v in cpu_runtime.MALLOC_TUNABLES)
   out = subprocess.run([sys.executable, "-m", "experiments.cpu_runtime"], cwd=REPO,
                        env=dict(env, LDRO_CPU_TUNING="0"), capture_output=True, text=True,
                        check=True, timeout=120)

@@ -73,8 +73,9 @@ def _kernel_grad_fn(kh: int, kw: int):
   (XLA's own kernel-gradient convolution only gets this form from a
   canonicalisation pass that does not reach convolutions nested inside
   ``lax.cond`` / ``while`` bodies, where the naive emitter is ~100x slower.)
-  Batched by ``vmap`` over tasks (per-task gradients), it is ``kh * kw``
-  batched matmuls, instead of the grouped convolution ``vmap`` would make.
+  Batched by ``vmap`` over tasks (per-task gradients), it is one batched
+  matmul over shifted copies of x and g (no transposes), instead of the
+  grouped convolution ``vmap`` would make.
   With few input channels (the first layer) it is a matmul on im2col patches.
   """
   ph, pw = kh // 2, kw // 2
@@ -107,11 +108,20 @@ def _kernel_grad_fn(kh: int, kw: int):
     if small:
       out = jnp.matmul(_patches_t(x, kh, kw), g.reshape(n, -1, o))
       return out.reshape(n, kh, kw, c, o), True
-    h, w = x.shape[2], x.shape[3]
-    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))
-    rows = [jnp.stack([jnp.einsum("nbhwc,nbhwo->nco", xp[:, :, i:i + h, j:j + w, :], g)
-                       for j in range(kw)], axis=1) for i in range(kh)]
-    return jnp.stack(rows, axis=1), True  # [n, kh, kw, c, o]
+    # One batched matmul for all taps, with no transposes: the kw column
+    # shifts of x stacked on the channel axis, the kh row shifts of g stacked
+    # on its channel axis, contracted over (b, rows, columns):
+    # out[n, (j, c), (i, o)] = sum xpad[n, b, y, x + j, c] gpad_i[n, b, y, x, o]
+    # with gpad_i[y] = g[y - i] (zero outside), i.e. dk[n, i, j, c, o].
+    b, h, w = x.shape[1:4]
+    xp = jnp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw), (0, 0)))  # [n, b, h+2ph, w+2pw, c]
+    xs = jnp.concatenate([xp[:, :, :, j:j + w] for j in range(kw)], axis=-1)
+    gs = jnp.concatenate([jnp.pad(g, ((0, 0), (0, 0), (i, kh - 1 - i), (0, 0), (0, 0)))
+                          for i in range(kh)], axis=-1)  # [n, b, h+2ph, w, kh * o]
+    out = jax.lax.dot_general(xs.reshape(n, -1, kw * c), gs.reshape(n, -1, kh * o),
+                              (((1,), (1,)), ((0,), (0,))))  # [n, kw * c, kh * o]
+    out = jnp.transpose(out.reshape(n, kw, c, kh, o), (0, 3, 1, 2, 4))
+    return out, True  # [n, kh, kw, c, o]
 
   return kernel_grad
 
