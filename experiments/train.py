@@ -27,11 +27,9 @@ from absl import flags
 from absl import logging
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-import ldro
 from ldro import metrics as ldro_metrics
 from ldro import train as ldro_train
 from experiments import configurables
