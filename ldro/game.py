@@ -210,9 +210,11 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float,
   ``min_{mu >= 0} logsumexp(-L^T mu) + cap * sum(mu)`` with
   ``w(mu) = softmax(-L^T mu)``; gradient ``cap - L w``, Hessian
   ``L (diag w - w w^T) L^T``. Bound constraints are handled by a projected
-  Newton method (Bertsekas 1982) with a vectorised Armijo line search. The
-  damped free-variable Hessian is positive definite, so the Newton system is
-  solved by Cholesky. Callers should centre the game (``L - V`` and
+  Newton method (Bertsekas 1982) with a vectorised Armijo line search on the
+  dual's change (computed from the step, free of float32 cancellation) and
+  the scaled projected gradient as a fallback direction. The damped
+  free-variable Hessian is positive definite, so the Newton system is solved
+  by Cholesky. Callers should centre the game (``L - V`` and
   ``cap - V``, the same set since ``sum(w) = 1``): in float32 the constraint
   values ``(L w)_i - cap`` are then computed without cancellation against the
   game value ``V``, which is what lets Newton converge in tens of iterations
@@ -225,46 +227,56 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float,
     z = -jnp.matmul(L.T, mu, precision=hp)
     return jax.nn.logsumexp(z) + cap * jnp.sum(mu)
 
-  def weights(mu):
-    return jax.nn.softmax(-jnp.matmul(L.T, mu, precision=hp))
-
   alphas = 0.5 ** jnp.arange(30, dtype=L.dtype)
   scale = jnp.maximum(1.0, jnp.max(jnp.abs(L)))
 
-  def kkt(mu):
-    g = cap - jnp.matmul(L, weights(mu), precision=hp)
+  def kkt(mu, g):
     return jnp.max(jnp.abs(jnp.minimum(mu, g)))  # projected-gradient residual
 
   def cond(carry):
-    mu, it, done = carry
+    it, done = carry[-2:]
     return (~done) & (it < max_iters)
 
   def body(carry):
-    mu, it, _ = carry
-    w = weights(mu)
-    g = cap - jnp.matmul(L, w, precision=hp)
+    # Carried: mu, the logits z = -L^T mu, w = softmax(z) and the gradient g.
+    mu, z, w, g, it, _ = carry
     # H = L (diag w - w w^T) L^T with one N^3 matmul; on the centred game
     # L w ~ cap ~ 0 near the solution, so the rank-one term cancels nothing.
-    lw = jnp.matmul(L, w, precision=hp)
+    lw = cap - g
     H = jnp.matmul(L * w[None, :], L.T, precision=hp) - jnp.outer(lw, lw)
     active = (mu <= 1e-12) & (g > 0)
     free = ~active
     damping = 1e-9 * scale * scale + 1e-6 * jnp.max(jnp.abs(jnp.diag(H)))
     Hf = jnp.where(free[:, None] & free[None, :], H, 0.0)
     Hf = Hf + jnp.diag(jnp.where(free, damping, 1.0))
-    d = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(Hf, lower=True),
-                                   jnp.where(free, -g, 0.0))
-    f0 = dual(mu)
-    cands = jnp.maximum(mu[None, :] + alphas[:, None] * d[None, :], 0.0)
-    fs = jax.vmap(dual)(cands)
-    decrease = f0 - fs
-    sufficient = decrease >= 1e-4 * jnp.sum(g[None, :] * (mu[None, :] - cands), axis=1)
-    ok = sufficient & jnp.isfinite(fs)
+    rhs = jnp.where(free, -g, 0.0)
+    d = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(Hf, lower=True), rhs)
+    # Safeguard: the scaled projected gradient as a second search direction.
+    # A Hessian that is positive definite only up to float32 round-off can
+    # fail the Cholesky (NaNs) or give a useless Newton direction (huge, with
+    # no decrease at any step length); the line search then falls back to it.
+    diag_max = jnp.max(jnp.abs(jnp.diag(H)))
+    d_grad = rhs / jnp.where(diag_max > 0, diag_max, 1.0)
+    d = jnp.where(jnp.all(jnp.isfinite(d)), d, d_grad)
+    # Armijo line search on the dual's *change*, computed from the step
+    # itself: f(mu + s) - f(mu) = log sum_j w_j exp(dz_j) + cap 1^T s with
+    # dz = -L^T s. (Differencing two large dual values loses the decrease to
+    # float32 round-off once mu is large, and the search then stalls.)
+    # Candidates: Newton steps first (largest first), then gradient steps.
+    dirs = jnp.concatenate([alphas[:, None] * d[None, :], alphas[:, None] * d_grad[None, :]])
+    steps = jnp.maximum(mu[None, :] + dirs, 0.0) - mu[None, :]
+    dzs = -jnp.matmul(steps, L, precision=hp)  # row k: -L^T steps[k]
+    change = (jax.nn.logsumexp(dzs, axis=1, b=w[None, :]) + cap * jnp.sum(steps, axis=1))
+    sufficient = -change >= -1e-4 * jnp.sum(g[None, :] * steps, axis=1)
+    ok = sufficient & jnp.isfinite(change) & (change < 0)
     k = jnp.argmax(ok)  # first (largest) acceptable step
-    new_mu = jnp.where(jnp.any(ok), cands[k], mu)
-    res = kkt(new_mu)
-    done = (res <= tol * scale) | ~jnp.any(ok)
-    return new_mu, it + 1, done
+    moved = jnp.any(ok)
+    new_mu = jnp.where(moved, mu + steps[k], mu)
+    new_z = jnp.where(moved, z + dzs[k], z)
+    new_w = jax.nn.softmax(new_z)
+    new_g = cap - jnp.matmul(L, new_w, precision=hp)
+    done = (kkt(new_mu, new_g) <= tol * scale) | ~moved
+    return new_mu, new_z, new_w, new_g, it + 1, done
 
   mu0 = jnp.zeros((n,), L.dtype)
   if direction is not None:
@@ -279,10 +291,14 @@ def _maxent_dual_newton(L: Array, cap: Array, max_iters: int, tol: float,
     fs = jax.vmap(dual)(cands)
     fs = jnp.where(jnp.isfinite(fs), fs, jnp.inf)
     mu0 = cands[jnp.argmin(fs)]
-  done0 = kkt(mu0) <= tol * scale
-  mu, iters, _ = jax.lax.while_loop(cond, body, (mu0, jnp.array(0), done0))
-  converged = kkt(mu) <= tol * scale * 10
-  return weights(mu), iters, converged
+  z0 = -jnp.matmul(L.T, mu0, precision=hp)
+  w0 = jax.nn.softmax(z0)
+  g0 = cap - jnp.matmul(L, w0, precision=hp)
+  done0 = kkt(mu0, g0) <= tol * scale
+  mu, _, w, g, iters, _ = jax.lax.while_loop(
+      cond, body, (mu0, z0, w0, g0, jnp.array(0), done0))
+  converged = kkt(mu, g) <= tol * scale * 10
+  return w, iters, converged
 
 
 def maxent_nash_with_info(
