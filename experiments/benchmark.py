@@ -41,7 +41,9 @@ Like the training programs, the command runs under the CPU settings of
 :mod:`experiments.cpu_runtime` (Eigen rather than YNNPACK convolutions,
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; it re-executes itself to apply
 them; ``--untuned`` to skip), and, in the full run, measures the small CNN once
-more without each of them in child processes.
+more without each of them in child processes, and once more with XLA's own
+convolution and max-pool gradients (``--conv_impl=xla``) instead of the CPU
+custom VJPs of :mod:`ldro.models.cnn`.
 
 Writes ``<out>/benchmark.json``, ``<out>/benchmark.md`` and
 ``<out>/scaling.png`` (default ``--out=results/benchmark``).
@@ -60,6 +62,7 @@ import os
 import platform
 import resource
 import shlex
+import re
 import statistics
 import subprocess
 import tempfile
@@ -325,9 +328,10 @@ def _rates(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------
 
 
-def cnn_workload(model: str, n: int, per_task: int, num_classes: int = 100, seed: int = 0):
+def cnn_workload(model: str, n: int, per_task: int, num_classes: int = 100, seed: int = 0,
+                 conv_impl: str = "auto"):
   """(params, task-grouped batch, task_loss_fn, plain_loss_fn) for a CNN."""
-  net = cnn.ConvNet(num_classes=num_classes, **CNN_MODELS[model])
+  net = cnn.ConvNet(num_classes=num_classes, conv_impl=conv_impl, **CNN_MODELS[model])
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(n, per_task, 32, 32, 3)).astype(np.float32)
   # Task i owns classes 5i..5i+4 (mod num_classes), as in CIFAR-100's coarse tasks.
@@ -758,7 +762,9 @@ def to_markdown(res: dict) -> str:
       continue
     lines += [f"### The same small-CNN steps {check['what']} (child process)", "",
               f"`XLA_FLAGS='{check['xla_flags']}'`, "
-              f"`GLIBC_TUNABLES='{check['glibc_tunables']}'`", "",
+              f"`GLIBC_TUNABLES='{check['glibc_tunables']}'`"
+              + (f", arguments `{' '.join(check.get('args', []))}`" if check.get("args") else ""),
+              "",
               "| method | step ms | x plain | page faults / ordinary step |", "|---|---|---|---|"]
     for r in check["rows"]:
       lines.append(f"| {r['label']} | {r['step_ms']:.2f} | {r['ratio_to_plain']:.3f} | "
@@ -856,8 +862,8 @@ def parse_args(argv=None):
                  help="output folder (default results/benchmark, or results/benchmark/quick "
                       "with --quick, so a quick run never overwrites the full results).")
   p.add_argument("--sections",
-                 default="cnn,direct,allocator,convs,torch,lm,scaling,memory,solvers",
-                 help="comma-separated subset of cnn,direct,allocator,convs,torch,lm,scaling,"
+                 default="cnn,direct,allocator,convs,xla_ops,torch,lm,scaling,memory,solvers",
+                 help="comma-separated subset of cnn,direct,allocator,convs,xla_ops,torch,lm,scaling,"
                       "memory,solvers.")
   p.add_argument("--cnn_models", default=None, help="e.g. 'small,large'.")
   p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds.")
@@ -867,30 +873,43 @@ def parse_args(argv=None):
                       "experiments/cpu_runtime.py (see README).")
   p.add_argument("--methods", default=None,
                  help="only the methods whose label contains one of these comma-separated "
-                      "strings (plain is always timed).")
+                      "strings (commas inside parentheses do not separate; plain is always "
+                      "timed).")
+  p.add_argument("--conv_impl", default="auto", choices=cnn.CONV_IMPLS,
+                 help="the CNNs' convolution/max-pool kernels (ldro.models.cnn.resolve_conv_impl): "
+                      "'auto' = the custom VJPs on CPU, XLA's own ops on GPU/TPU.")
   p.add_argument("--strategies", default=None,
                  help="only these comma-separated scaling strategies (e.g. 'grouped,pairwise').")
   return p.parse_args(argv)
 
 
-#: Child checks of the full run: the small-CNN rows with one setting undone.
+def split_methods(spec: str) -> list[str]:
+  """``--methods`` items: comma-separated, but not at commas inside parentheses."""
+  return [x.strip() for x in re.split(r",(?![^()]*\))", spec) if x.strip()]
+
+
+#: Child checks of the full run: the small-CNN rows with one setting undone,
+#: as (what, environment change, extra arguments).
 CHILD_CHECKS = {
     "allocator": ("without the malloc tunables (GLIBC_TUNABLES unset)",
-                  lambda env: {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}),
+                  lambda env: {k: v for k, v in env.items() if k != "GLIBC_TUNABLES"}, []),
     "convs": ("with XLA:CPU's default (YNNPACK) convolutions",
               lambda env: dict(env, XLA_FLAGS=" ".join(
                   f for f in env.get("XLA_FLAGS", "").split()
-                  if not f.startswith(cpu_runtime.YNN_OPTION)))),
+                  if not f.startswith(cpu_runtime.YNN_OPTION))), []),
+    "xla_ops": ("with XLA's own convolution and max-pool gradients (conv_impl='xla')",
+                lambda env: env, ["--conv_impl", "xla"]),
 }
 
 
 def child_check(name: str, methods: str, rounds: int, log) -> Optional[dict]:
   """The small-CNN rows again in a child process with one CPU setting undone."""
-  what, undo = CHILD_CHECKS[name]
+  what, undo, extra_args = CHILD_CHECKS[name]
   with tempfile.TemporaryDirectory() as tmp:
     env = undo(cpu_runtime.tuned_env())
     cmd = [sys.executable, "-m", "experiments.benchmark", "--sections", "cnn", "--cnn_models",
-           "small", "--methods", methods, "--rounds", str(rounds), "--untuned", "--out", tmp]
+           "small", "--methods", methods, "--rounds", str(rounds), "--untuned", "--out", tmp,
+           *extra_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     path = os.path.join(tmp, "benchmark.json")
     if proc.returncode != 0 or not os.path.exists(path):
@@ -902,7 +921,7 @@ def child_check(name: str, methods: str, rounds: int, log) -> Optional[dict]:
     log(f"    {what}: {r['label']:36s} {r['step_ms']:8.2f} ms x{r['ratio_to_plain']:.3f} "
         f"({r['page_faults_per_step']:.0f} page faults/step)")
   return {"what": what, "xla_flags": env.get("XLA_FLAGS", ""),
-          "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "rows": rows}
+          "glibc_tunables": env.get("GLIBC_TUNABLES", ""), "args": extra_args, "rows": rows}
 
 
 def main(argv=None) -> dict:
@@ -920,7 +939,8 @@ def main(argv=None) -> dict:
     command += "  # (re-runs itself under experiments/cpu_runtime.py's settings)"
   res: dict = {"quick": quick, "command": command.strip(),
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-               "machine": machine_info()}
+               "machine": machine_info(),
+               "conv_impl": cnn.resolve_conv_impl(args.conv_impl)}
   log(f"machine: {json.dumps(res['machine'])}")
 
   if quick:
@@ -951,7 +971,7 @@ def main(argv=None) -> dict:
     direct_steps = 100
 
   if args.methods:
-    keep = lambda m: any(x in m["label"] for x in args.methods.split(","))
+    keep = lambda m: any(x in m["label"] for x in split_methods(args.methods))
     cnn_methods = [m for m in cnn_methods if keep(m)]
     lm_methods = [m for m in lm_methods if keep(m)]
   if args.strategies:
@@ -962,7 +982,7 @@ def main(argv=None) -> dict:
     res["cnn"] = {}
     for model in models:
       log(f"== {model} CNN: N={n_cnn}, {per_task} examples per task")
-      wl = cnn_workload(model, n_cnn, per_task)
+      wl = cnn_workload(model, n_cnn, per_task, conv_impl=args.conv_impl)
       if model == "large" and not quick:  # ~1 s steps: fewer, shorter rounds
         out = bench_steps(wl, cnn_methods, max(2, rounds - 2), 2, 1, log)
       elif model == "small" and not quick and not args.rounds:

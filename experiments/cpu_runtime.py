@@ -27,14 +27,27 @@ Two settings, each measured on the small CNN of Section 5.1 (N=20, batch 120,
   only, hence a re-exec of the program.
 
 Neither changes what is computed beyond float round-off of the convolutions.
-``LDRO_CPU_TUNING=0`` in the environment turns both off; a ``XLA_FLAGS`` that
-already names the YNN option is left as it is. Library code (``ldro``) never
-sets process state; only the programs under ``experiments/`` call
+
+When they apply (``LDRO_CPU_TUNING`` in the environment): ``0`` never, ``1``
+always, unset: unless the program is headed for an accelerator, i.e. unless
+``JAX_PLATFORMS`` names a first platform other than ``cpu``, or (with
+``JAX_PLATFORMS`` unset) a JAX accelerator plugin or ``libtpu`` is installed
+(the settings were measured on XLA:CPU only, and a GPU/TPU host's input
+pipeline should keep glibc's per-thread arenas). The YNN flag is added only
+where the installed jaxlib knows it (XLA aborts on an unknown ``XLA_FLAGS``
+entry; older jaxlibs have no YNNPACK convolutions to turn off), and a
+``XLA_FLAGS`` that already names it is left as it is. Library code (``ldro``)
+never sets process state; only the programs under ``experiments/`` call
 :func:`configure_process`, first thing, before importing JAX.
 """
 
 from __future__ import annotations
 
+import functools
+import glob
+import importlib.metadata
+import importlib.util
+import mmap
 import os
 import sys
 from typing import Optional, Sequence
@@ -46,20 +59,74 @@ MALLOC_TUNABLES = (("glibc.malloc.hugetlb", "1"), ("glibc.malloc.mmap_max", "0")
                    ("glibc.malloc.arena_max", "1"), ("glibc.malloc.trim_threshold", str(4 << 30)))
 OPT_OUT = "LDRO_CPU_TUNING"
 
-__all__ = ["configure_process", "describe", "tuned_env", "YNN_FLAG", "MALLOC_TUNABLES"]
+__all__ = ["configure_process", "describe", "tuned_env", "applies", "jaxlib_knows_flag",
+           "accelerator_plugins", "YNN_FLAG", "MALLOC_TUNABLES"]
+
+#: Python packages through which JAX reaches an accelerator.
+ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "jax_metal")
+
+
+@functools.lru_cache(maxsize=None)
+def accelerator_plugins() -> tuple[str, ...]:
+  """Installed JAX accelerator plugins and TPU runtimes (without importing JAX)."""
+  found = [name for name in ACCELERATOR_MODULES if importlib.util.find_spec(name) is not None]
+  try:
+    found += [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return tuple(dict.fromkeys(found))
+
+
+@functools.lru_cache(maxsize=None)
+def jaxlib_knows_flag(option: str) -> bool:
+  """Whether the installed jaxlib's XLA registers ``option`` (read from its libraries).
+
+  XLA aborts the process on an ``XLA_FLAGS`` entry it does not know, so a
+  flag of one jaxlib must not reach another. Reads the shared libraries'
+  bytes (memory-mapped, no JAX import).
+  """
+  spec = importlib.util.find_spec("jaxlib")
+  if spec is None or not spec.submodule_search_locations:
+    return False
+  needle = option.lstrip("-").encode()
+  for folder in spec.submodule_search_locations:
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.so*"), recursive=True)):
+      try:
+        if os.path.getsize(path) < (1 << 20):
+          continue
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+          if m.find(needle) >= 0:
+            return True
+      except (OSError, ValueError):
+        continue
+  return False
+
+
+def applies(env: Optional[dict] = None) -> bool:
+  """Whether the CPU settings apply to a program started with ``env`` (see module doc)."""
+  env = os.environ if env is None else env
+  choice = env.get(OPT_OUT, "")
+  if choice in ("0", "1"):
+    return choice == "1"
+  platforms = env.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not accelerator_plugins()
 
 
 def tuned_env(env: Optional[dict] = None) -> dict:
   """A copy of ``env`` (default ``os.environ``) with both settings added.
 
-  Unchanged where ``LDRO_CPU_TUNING=0``; an existing YNN option in
-  ``XLA_FLAGS`` and the user's own values of the malloc tunables are kept.
+  Unchanged where they do not apply (:func:`applies`); an existing YNN option
+  in ``XLA_FLAGS`` and the user's own values of the malloc tunables are kept;
+  the YNN flag is only added where jaxlib knows it.
   """
   env = dict(os.environ if env is None else env)
-  if env.get(OPT_OUT, "1") == "0":
+  if not applies(env):
     return env
   flags = env.get("XLA_FLAGS", "")
-  if YNN_OPTION not in flags:
+  if YNN_OPTION not in flags and jaxlib_knows_flag(YNN_OPTION):
     env["XLA_FLAGS"] = (flags + " " + YNN_FLAG).strip()
   if sys.platform.startswith("linux"):
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]

@@ -111,7 +111,8 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
   def __init__(self, dataset: str = "cifar100", data_dir: Optional[str] = None,
                model: str = "small", batch_size: int = 128, seed: int = 0,
                eval_batch_size: int = 1000,
-               pairs: Optional[Sequence[Sequence[str]]] = None, download: bool = True):
+               pairs: Optional[Sequence[Sequence[str]]] = None, download: bool = True,
+               conv_impl: str = "auto"):
     """Loads the data and builds the model.
 
     Args:
@@ -128,6 +129,9 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
       eval_batch_size: examples per evaluation batch.
       pairs: class pairs (cifar10_pairs only; None: the default five pairs).
       download: let TFDS download CIFAR-100 if needed.
+      conv_impl: the CNN's convolution/pooling kernels: ``'auto'`` (the
+        CPU-tuned custom VJPs on CPU, XLA's own ops on GPU/TPU),
+        ``'custom_vjp'`` or ``'xla'`` (:func:`ldro.models.cnn.resolve_conv_impl`).
 
     Raises:
       FileNotFoundError: the data directory is missing.
@@ -138,12 +142,15 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
                        f"{', '.join(MODELS)}.")
     if int(eval_batch_size) < 1:
       raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}.")
+    if conv_impl not in cnn.CONV_IMPLS:
+      raise ValueError(f"unknown conv_impl {conv_impl!r} (ImageClassificationExperiment.conv_impl); "
+                       f"known: {', '.join(cnn.CONV_IMPLS)}.")
     self.dataset = dataset
     self.data = load_task_data(dataset, data_dir, pairs, download)
     self.task_names = list(self.data.task_names)
     self.batcher = images_lib.GroupedBatcher(self.data, int(batch_size), int(seed))
     self.steps_per_epoch = self.batcher.steps_per_epoch
-    self.model = MODELS[model](num_classes=self.data.num_classes)
+    self.model = MODELS[model](num_classes=self.data.num_classes, conv_impl=conv_impl)
     self.eval_batch_size = int(eval_batch_size)
     self._image_shape = tuple(self.data.train_images.shape[1:])
     self._eval_batch = jax.jit(self._eval_counts)

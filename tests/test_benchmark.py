@@ -58,3 +58,12 @@ def test_quick_benchmark_scaling_memory_solvers(quick_result):
   assert all(r["converged"] for r in solvers["maxent_nash"])
   assert solvers["update_weights"]["median_ms"] > 0
   assert {t["target"] for t in res["targets"]} >= {"maxent_nash_ms", "update_weights_ms"}
+
+
+def test_methods_option_splits_outside_parentheses():
+  assert benchmark.split_methods("L-DRO T=100 (lean, grouped),PCGrad, group DRO") == [
+      "L-DRO T=100 (lean, grouped)", "PCGrad", "group DRO"]
+  labels = [m["label"] for m in benchmark.CNN_METHODS]
+  keep = benchmark.split_methods("L-DRO T=100 (lean, grouped),PCGrad")
+  assert [l for l in labels if any(k in l for k in keep)] == [
+      "L-DRO T=100 (lean, grouped)", "PCGrad (jacobian)"]

@@ -157,3 +157,34 @@ def test_same_conv_matches_flax_conv_values_and_gradients_everywhere(cin, kernel
                  lambda m: jax.lax.fori_loop(0, 1, lambda i, acc: jax.grad(loss(m))(p, x),
                                              jax.tree.map(jnp.zeros_like, p))):
     close(jax.jit(lambda: m_grad(ref))(), jax.jit(lambda: m_grad(new))())
+
+
+def test_conv_impl_auto_picks_the_cpu_kernels_only_on_cpu():
+  assert cnn.resolve_conv_impl("auto", "cpu") == "custom_vjp"
+  assert cnn.resolve_conv_impl("auto", "gpu") == "xla"
+  assert cnn.resolve_conv_impl("auto", "tpu") == "xla"
+  assert cnn.resolve_conv_impl("xla", "cpu") == "xla"
+  assert cnn.resolve_conv_impl("auto") == ("custom_vjp" if jax.default_backend() == "cpu"
+                                           else "xla")
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    cnn.resolve_conv_impl("cudnn")
+  with pytest.raises(ValueError, match="conv_impl must be one of"):
+    cnn.ConvNet(num_classes=3, num_conv=1, conv_impl="fast").init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
+
+
+def test_conv_impls_share_parameters_values_and_gradients():
+  # The XLA path (nn.max_pool, lax.conv) and the custom-VJP path are one model:
+  # same parameter tree and initial values, same logits, same (per-task) gradients.
+  kw = dict(num_classes=6, features=8, num_conv=2, mlp_width=16, mlp_layers=1)
+  xla, custom = cnn.ConvNet(conv_impl="xla", **kw), cnn.ConvNet(conv_impl="custom_vjp", **kw)
+  x = jax.random.normal(jax.random.key(0), (4, 3, 8, 8, 3))
+  p_xla, p_custom = xla.init(jax.random.key(1), x[0]), custom.init(jax.random.key(1), x[0])
+  assert jax.tree.structure(p_xla) == jax.tree.structure(p_custom)
+  jax.tree.map(np.testing.assert_array_equal, p_xla, p_custom)
+  loss = lambda m: lambda p, xi: jnp.sum(jax.nn.log_softmax(m.apply(p, xi))[:, 0])
+  close = lambda a, b: jax.tree.map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5), a, b)
+  close(xla.apply(p_xla, x[0]), custom.apply(p_xla, x[0]))
+  per_task = lambda m: jax.jit(jax.vmap(jax.grad(loss(m)), in_axes=(None, 0)))(p_xla, x)
+  close(per_task(xla), per_task(custom))

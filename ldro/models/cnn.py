@@ -27,7 +27,36 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["max_pool_2x2", "conv_same", "SameConv", "ConvNet", "SmallCNN", "LargeCNN"]
+__all__ = ["max_pool_2x2", "conv_same", "SameConv", "ConvNet", "SmallCNN", "LargeCNN",
+           "CONV_IMPLS", "resolve_conv_impl"]
+
+#: ``conv_impl`` values of :class:`SameConv` / :class:`ConvNet`.
+CONV_IMPLS = ("auto", "custom_vjp", "xla")
+
+
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+  """The convolution/pooling implementation ``conv_impl`` stands for.
+
+  ``'custom_vjp'``: :func:`conv_same` and :func:`max_pool_2x2`, whose
+  gradients were written and measured for XLA:CPU (``results/benchmark``).
+  ``'xla'``: ``lax.conv_general_dilated`` and ``nn.max_pool`` with XLA's own
+  gradients (cuDNN / the TPU compiler's kernels). ``'auto'``: ``'custom_vjp'``
+  on the CPU backend, ``'xla'`` on GPU and TPU, where the CPU workarounds were
+  never measured. All three give the same parameters and, up to float
+  round-off, the same values and gradients.
+
+  Args:
+    conv_impl: one of :data:`CONV_IMPLS`.
+    backend: the JAX backend (default ``jax.default_backend()``).
+
+  Returns:
+    ``'custom_vjp'`` or ``'xla'``.
+  """
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  if conv_impl != "auto":
+    return conv_impl
+  return "custom_vjp" if (backend or jax.default_backend()) == "cpu" else "xla"
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -186,11 +215,15 @@ class SameConv(nn.Module):
     kernel_size: odd ``(kh, kw)``.
     dtype: computation dtype (parameters are float32).
     pool_2x2: apply :func:`max_pool_2x2` before the bias.
+    conv_impl: ``'auto'`` (default: the custom VJPs on CPU, XLA's own
+      convolution and ``nn.max_pool`` on GPU/TPU), ``'custom_vjp'`` or
+      ``'xla'``; see :func:`resolve_conv_impl`.
   """
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   dtype: Any = jnp.float32
   pool_2x2: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,6 +234,11 @@ class SameConv(nn.Module):
                         (kh, kw, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if resolve_conv_impl(self.conv_impl) == "xla":
+      y = _canonical_conv(x, kernel, ((kh // 2, kh // 2), (kw // 2, kw // 2)))
+      if self.pool_2x2:
+        y = nn.max_pool(y, (2, 2), strides=(2, 2))
+      return y + bias
     y = conv_same(x, kernel)
     if self.pool_2x2:
       y = max_pool_2x2(y)
@@ -278,6 +316,9 @@ class ConvNet(nn.Module):
     mlp_width: Width of every hidden Dense layer.
     mlp_layers: Number of hidden Dense + ReLU layers before the head.
     dtype: Computation dtype (parameters are always float32).
+    conv_impl: convolution and pooling kernels, ``'auto'`` (the CPU-tuned
+      custom VJPs on CPU, XLA's own ops on GPU/TPU), ``'custom_vjp'`` or
+      ``'xla'`` (see :func:`resolve_conv_impl`); parameters are the same.
   """
 
   num_classes: int
@@ -286,6 +327,7 @@ class ConvNet(nn.Module):
   mlp_width: int = 128
   mlp_layers: int = 3
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -310,7 +352,7 @@ class ConvNet(nn.Module):
       # and relu on the pooled tensor; gradients agree too (a window whose max
       # is <= 0 passes no gradient either way).
       x = nn.relu(SameConv(self.features, (3, 3), dtype=self.dtype, pool_2x2=True,
-                           name=f"conv_{i}")(x))
+                           conv_impl=self.conv_impl, name=f"conv_{i}")(x))
     x = jnp.mean(x, axis=(1, 2))
     for i in range(self.mlp_layers):
       x = nn.relu(nn.Dense(self.mlp_width, dtype=self.dtype,
