@@ -38,5 +38,44 @@ from ldro.static import mixing_weights
 from ldro.static import static_mixing
 from ldro.weighting import task_weights
 from ldro.weighting import TaskWeightingState
+from ldro import train  # make_train_step, make_plain_step, TrainState (ldro.train.*)
 
 __version__ = "0.1.0"
+
+__all__ = (
+    "avg_max_interpolation",
+    "baselined_dro",
+    "best_response",
+    "chunked_gram",
+    "compute_gram",
+    "equal_weighting",
+    "exponentiated_step",
+    "get_method",
+    "GRAM_STRATEGIES",
+    "group_dro",
+    "grouped_gram",
+    "interaction_matrix",
+    "jacrev_gram",
+    "ldro_weights",
+    "lookahead_matrix",
+    "LookaheadDROState",
+    "maxent_nash",
+    "maxent_nash_with_info",
+    "method_names",
+    "mixing_weights",
+    "NashInfo",
+    "pairwise_gram",
+    "pcgrad",
+    "pcgrad_coefficients",
+    "per_task_grads",
+    "random_gradient_weighting",
+    "random_loss_weighting",
+    "register_method",
+    "sample_random_weights",
+    "static_mixing",
+    "task_gram",
+    "task_weights",
+    "TaskWeightingState",
+    "train",
+    "update_weights",
+)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import gin
-import numpy as np
 import pytest
 
 from experiments import train as train_lib
