@@ -109,6 +109,7 @@ CNN_METHODS = [
     M("equal (lean, vmap losses)", "equal", vmap_losses=True),
     M("L-DRO T=100 (lean, grouped)", "ldro", {"update_every": 100}, period=100),
     M("L-DRO T=100 (jacobian)", "ldro", {"update_every": 100}, "jacobian", period=100),
+    M("L-DRO T=10 (lean, grouped)", "ldro", {"update_every": 10}, period=10),
     M("L-DRO T=1 (jacobian)", "ldro", {"update_every": 1}, "jacobian", period=1),
     M("L-DRO T=1 (lean, grouped)", "ldro", {"update_every": 1}, period=1),
     M("L-DRO exact T=100 (lean, grouped)", "ldro_exact", {"update_every": 100}, period=100),
@@ -146,6 +147,9 @@ TARGETS = {
     "lm_t1000": 1.05,
     "maxent_nash_ms": 10.0,
     "update_weights_ms": 1.0,
+    # Absolute goals on the same machine (ratios of step times to PyTorch's).
+    "ldro_t100_vs_torch_plain": 1.0,
+    "pcgrad_vs_torchjd": 1.0,
 }
 
 
@@ -592,9 +596,21 @@ def bench_solvers(n_nash: int, n_update: int, log, min_time: float = 0.5) -> dic
   return out
 
 
+#: PyTorch reference steps (see :func:`torch_step`): label -> what it is.
+TORCH_STEPS = {
+    "plain": "plain step: one backward pass of the mean loss",
+    "pcgrad_loop": "PCGrad as LibMTL computes it: N backward passes (one per task loss), "
+                   "projections on the flattened gradients",
+    "pcgrad_torchjd": "PCGrad with torchjd's Gramian engine (autogram.Engine over the "
+                      "per-example losses, batch_dim=0; task Gram = M G M^T; "
+                      "PCGradWeighting; one weighted backward pass)",
+}
+
+
 def bench_torch(model: str, n: int, per_task: int, rounds: int, k: int, log) -> Optional[dict]:
-  """A PyTorch plain SGD step of the same CNN, in a child process (no JAX threads
-  around); None if torch is missing."""
+  """PyTorch reference steps of the same CNN, in a child process (no JAX threads
+  around); None if torch is missing. The torchjd step is skipped (noted) if
+  torchjd is missing."""
   code = ("import json, experiments.benchmark as b; "
           f"print('RESULT ' + json.dumps(b.torch_step({model!r}, {n}, {per_task}, {rounds}, {k})))")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -604,53 +620,123 @@ def bench_torch(model: str, n: int, per_task: int, rounds: int, k: int, log) -> 
     return None
   out = json.loads(line[0][len("RESULT "):])
   if out:
-    log(f"    torch {out['torch']} plain step ({model} CNN, {out['examples']} examples, "
-        f"{out['threads']} threads): {out['step_ms']:.1f} ms")
+    for name, r in out["steps"].items():
+      log(f"    torch {out['torch']} {name} ({model} CNN, {out['examples']} examples, "
+          f"{out['threads']} threads): {r['step_ms']:.1f} ms")
+    for name, why in out.get("skipped", {}).items():
+      log(f"    torch {name}: not timed ({why})")
   return out
 
 
 def torch_step(model: str, n: int, per_task: int, rounds: int, k: int) -> Optional[dict]:
-  """Times a PyTorch plain SGD step of the CNN (run by :func:`bench_torch`)."""
+  """Times PyTorch steps of the CNN (run by :func:`bench_torch`): :data:`TORCH_STEPS`.
+
+  Same architecture, batch (``n`` tasks x ``per_task`` examples, task ``i``
+  owning examples ``[i * per_task, (i + 1) * per_task)``), loss and SGD +
+  Nesterov as the JAX steps. Rounds are interleaved across the steps.
+  """
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from torch import nn as tnn  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
+  torch.manual_seed(0)
   cfg = CNN_MODELS[model]
-  layers, ch = [], 3
-  for _ in range(cfg["num_conv"]):
-    layers += [tnn.Conv2d(ch, cfg["features"], 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2)]
-    ch = cfg["features"]
-  head = []
-  width = ch
-  for _ in range(cfg["mlp_layers"]):
-    head += [tnn.Linear(width, cfg["mlp_width"]), tnn.ReLU()]
-    width = cfg["mlp_width"]
-  head.append(tnn.Linear(width, 100))
-  conv, mlp = tnn.Sequential(*layers), tnn.Sequential(*head)
-  params = list(conv.parameters()) + list(mlp.parameters())
-  opt = torch.optim.SGD(params, lr=0.025, momentum=0.9, nesterov=True)
-  x = torch.randn(n * per_task, 3, 32, 32)
-  y = torch.randint(0, 100, (n * per_task,))
 
-  def step():
-    opt.zero_grad(set_to_none=True)
-    logits = mlp(conv(x).mean(dim=(2, 3)))
-    loss = tnn.functional.cross_entropy(logits, y)
-    loss.backward()
-    opt.step()
+  def build():
+    """(conv stack, MLP head, parameters, optimizer): one copy per step, since
+    torchjd's engine hooks its modules for good."""
+    layers, ch = [], 3
+    for _ in range(cfg["num_conv"]):
+      layers += [tnn.Conv2d(ch, cfg["features"], 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2)]
+      ch = cfg["features"]
+    head, width = [], ch
+    for _ in range(cfg["mlp_layers"]):
+      head += [tnn.Linear(width, cfg["mlp_width"]), tnn.ReLU()]
+      width = cfg["mlp_width"]
+    head.append(tnn.Linear(width, 100))
+    conv, mlp = tnn.Sequential(*layers), tnn.Sequential(*head)
+    params = list(conv.parameters()) + list(mlp.parameters())
+    return conv, mlp, params, torch.optim.SGD(params, lr=0.025, momentum=0.9, nesterov=True)
 
-  for _ in range(10):
-    step()
-  ts = []
+  b = n * per_task
+  x = torch.randn(b, 3, 32, 32)
+  y = torch.randint(0, 100, (b,))
+  avg = torch.zeros(n, b)  # M: task losses = M @ per-example losses
+  for i in range(n):
+    avg[i, i * per_task:(i + 1) * per_task] = 1.0 / per_task
+
+  def make_plain():
+    conv, mlp, _, opt = build()
+
+    def plain():
+      opt.zero_grad(set_to_none=True)
+      tnn.functional.cross_entropy(mlp(conv(x).mean(dim=(2, 3))), y).backward()
+      opt.step()
+    return plain
+
+  def make_pcgrad_loop():
+    conv, mlp, params, opt = build()
+
+    def pcgrad_loop():
+      opt.zero_grad(set_to_none=True)
+      per_example = tnn.functional.cross_entropy(mlp(conv(x).mean(dim=(2, 3))), y,
+                                                 reduction="none")
+      task_losses = per_example.view(n, per_task).mean(dim=1)
+      grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+          task_losses[i], params, retain_graph=i < n - 1)]) for i in range(n)])
+      projected = grads.clone()
+      for i in range(n):
+        for j in torch.randperm(n).tolist():
+          dot = projected[i] @ grads[j]
+          if dot < 0:
+            projected[i] -= dot / (grads[j] @ grads[j]) * grads[j]
+      flat = projected.sum(dim=0)  # LibMTL and torchjd sum the projected gradients
+      offset = 0
+      for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+      opt.step()
+    return pcgrad_loop
+
+  steps, skipped = {"plain": make_plain(), "pcgrad_loop": make_pcgrad_loop()}, {}
+  try:
+    from torchjd import aggregation as tjd_agg  # pylint: disable=g-import-not-at-top
+    from torchjd import autogram as tjd_autogram  # pylint: disable=g-import-not-at-top
+    conv, mlp, _, opt = build()
+    leaves = [m for m in list(conv) + list(mlp) if any(True for _ in m.parameters(recurse=False))]
+    engine = tjd_autogram.Engine(*leaves, batch_dim=0)
+    weighting = tjd_agg.PCGradWeighting()
+
+    def pcgrad_torchjd():
+      opt.zero_grad(set_to_none=True)
+      per_example = tnn.functional.cross_entropy(mlp(conv(x).mean(dim=(2, 3))), y,
+                                                 reduction="none")
+      gram = avg @ engine.compute_gramian(per_example) @ avg.T  # [n, n] task Gram
+      (avg @ per_example).backward(weighting(gram))
+      opt.step()
+
+    steps["pcgrad_torchjd"] = pcgrad_torchjd
+  except ImportError as e:
+    skipped["pcgrad_torchjd"] = f"torchjd not importable: {e}"
+
+  for fn in steps.values():
+    for _ in range(3):
+      fn()
+  times = {name: [] for name in steps}
   for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(k):
-      step()
-    ts.append((time.perf_counter() - t0) / k)
-  t = statistics.median(ts)
-  return {"torch": torch.__version__, "threads": torch.get_num_threads(), "model": model,
-          "examples": n * per_task, "step_ms": 1e3 * t, "runs_ms": [1e3 * x for x in ts]}
+    for name, fn in steps.items():
+      t0 = time.perf_counter()
+      for _ in range(k):
+        fn()
+      times[name].append((time.perf_counter() - t0) / k)
+  out = {"torch": torch.__version__, "torchjd": _version("torchjd") if "pcgrad_torchjd" in steps else None,
+         "threads": torch.get_num_threads(), "model": model, "examples": b, "tasks": n,
+         "steps": {name: {"step_ms": 1e3 * statistics.median(ts), "what": TORCH_STEPS[name],
+                          "runs_ms": [1e3 * t for t in ts]} for name, ts in times.items()},
+         "skipped": skipped}
+  out["step_ms"] = out["steps"]["plain"]["step_ms"]  # the plain step, as before
+  return out
 
 
 # ---------------------------------------------------------------------------
@@ -691,6 +777,20 @@ def evaluate_targets(res: dict) -> list[dict]:
     if r:
       add("pcgrad_small", "small CNN, PCGrad (jacobian)", r["ratio_to_plain"],
           TARGETS["pcgrad_small"])
+    # Absolute goals (issue 6): our L-DRO T=100 step no slower than PyTorch's
+    # plain step, our PCGrad no slower than torchjd's; ratios of step times.
+    torch_res = res.get("torch") or {}
+    ref = torch_res.get("steps", {})
+    if best_t100 and "plain" in ref and torch_res.get("model") == "small":
+      r = min(best_t100, key=lambda r: r["step_ms"])
+      add("ldro_t100_vs_torch_plain", f"small CNN, {r['label']} step / PyTorch "
+          f"{torch_res['torch']} plain step", r["step_ms"] / ref["plain"]["step_ms"],
+          TARGETS["ldro_t100_vs_torch_plain"])
+    r = _find(rows, "PCGrad (jacobian)")
+    if r and "pcgrad_torchjd" in ref and torch_res.get("model") == "small":
+      add("pcgrad_vs_torchjd", f"small CNN, PCGrad (jacobian) step / torchjd "
+          f"{torch_res.get('torchjd')} PCGrad step", r["step_ms"] / ref["pcgrad_torchjd"]["step_ms"],
+          TARGETS["pcgrad_vs_torchjd"])
   lm = res.get("lm")
   if lm:
     lean = [r for r in lm["rows"] if r["label"].startswith("L-DRO T=1000 (lean, pairwise")
@@ -772,10 +872,22 @@ def to_markdown(res: dict) -> str:
     lines.append("")
   if res.get("torch"):
     t = res["torch"]
-    plain_ms = res["cnn"].get(t["model"], {}).get("rows", [{}])[0].get("step_ms")
-    lines += [f"PyTorch {t['torch']} ({t['threads']} threads) plain step of the same {t['model']} "
-              f"CNN on {t['examples']} examples: {t['step_ms']:.1f} ms"
-              + (f" (JAX plain step here: {plain_ms:.1f} ms)." if plain_ms else "."), ""]
+    jax_rows = res.get("cnn", {}).get(t["model"], {}).get("rows", [])
+    lines += [f"### PyTorch {t['torch']} reference steps ({t['threads']} threads, child process), "
+              f"same {t['model']} CNN, {t['examples']} examples, {t.get('tasks', '?')} tasks", "",
+              "| step | ms | x PyTorch plain | what |", "|---|---|---|---|"]
+    steps = t.get("steps") or {"plain": {"step_ms": t["step_ms"], "what": TORCH_STEPS["plain"]}}
+    for name, r in steps.items():
+      lines.append(f"| torch {name} | {r['step_ms']:.1f} | "
+                   f"{r['step_ms'] / steps['plain']['step_ms']:.2f} | {r['what']} |")
+    for label in ("plain", "L-DRO T=100 (lean, grouped)", "PCGrad (jacobian)"):
+      r = _find(jax_rows, label)
+      if r:
+        lines.append(f"| ours: {label} | {r['step_ms']:.1f} | "
+                     f"{r['step_ms'] / steps['plain']['step_ms']:.2f} | JAX, this run |")
+    for name, why in t.get("skipped", {}).items():
+      lines.append(f"| torch {name} | - | - | not timed: {why} |")
+    lines.append("")
   if res.get("lm"):
     r = res["lm"]
     lines += _fmt_rows(r["rows"], f"tiny decoder, N={r['n']}, {r['rows_per_task']} row(s) of "

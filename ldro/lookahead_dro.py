@@ -70,6 +70,14 @@ def ldro_weights(
   ordinary backward pass. Instead of ``gram_fn`` a precomputed ``gram`` may be
   passed; it is used on refresh steps only.
 
+  Lean mode with gradient reuse: pass ``task_grads_fn`` (zero-argument,
+  returns the ``N`` task gradients, e.g. ``vmap(grad)`` over the task-grouped
+  batch) instead of ``gram_fn``. On refresh steps the Gram matrix *and* the
+  output ``sum_i w_i g_i`` come from those gradients, so the refresh step
+  costs one ``vmap(grad)`` and no second backward pass; ordinary steps are
+  unchanged (``task_vjp(w)``). Peak memory is that of the ``grouped``
+  strategy (``N`` gradients on refresh steps).
+
   Policies: ``task_mask`` (bool ``[N]``, optional) marks tasks present in the
   batch; an absent task keeps its weight and does not enter the best response
   (its loss is ignored). If the lookahead matrix is not finite (a NaN/Inf loss
@@ -107,56 +115,76 @@ def ldro_weights(
   def update_fn(updates, state, params=None, *, task_losses=None, task_mask=None,
                 task_vjp: Optional[Callable[[Array], Any]] = None,
                 gram_fn: Optional[Callable[[], Array]] = None,
-                gram: Optional[Array] = None, **extra_args):
+                gram: Optional[Array] = None,
+                task_grads_fn: Optional[Callable[[], Any]] = None, **extra_args):
     del params, extra_args
     n = state.task_weights.shape[0]
     losses = weighting.check_task_losses(task_losses, n, name).astype(jnp.float32)
     mask = weighting.check_task_mask(task_mask, n, name)
     due = (state.count % update_every) == 0
+    if mask is not None:
+      losses = jnp.where(mask, losses, 0.0)
 
-    if task_vjp is None:
-      weighting.check_task_grads(updates, n, name)
-      compute = lambda: lookahead.task_gram(updates)
-    elif gram_fn is not None:
-      compute = gram_fn
-    elif gram is not None:
-      compute = lambda: jnp.asarray(gram)
-    else:
-      raise ValueError(
-          f"{name}: lean mode (task_vjp given) needs gram_fn=... (or gram=...) to refresh the "
-          "interaction matrix.")
-
-    def refresh():
-      g = compute()
+    def interaction_from(g):
       if g.shape != (n, n):
         raise ValueError(f"{name}: the Gram matrix must be [{n}, {n}], got {g.shape}.")
       return lookahead.interaction_matrix(g.astype(jnp.float32), normalize)
 
-    new_a = jax.lax.cond(due, refresh, lambda: state.interaction)
-    if mask is not None:
-      losses = jnp.where(mask, losses, 0.0)
-    L = losses[:, None] - lookahead_lr * new_a
+    def choose(a):
+      """(w, A, worst lookahead loss, converged) for interaction matrix ``a``."""
+      L = losses[:, None] - lookahead_lr * a
+      if exact:
+        L_game = L
+        if mask is not None:  # absent tasks' rows never bind
+          L_game = jnp.where(mask[:, None], L, jnp.min(L) - 1.0)
+        info = game.maxent_nash_with_info(L_game)
+        new_w, converged = info.w, info.converged
+      else:
+        new_w = game.update_weights(L, state.task_weights, weight_lr, mask)
+        converged = jnp.ones([], bool)
+      finite = jnp.all(jnp.isfinite(L)) & jnp.all(jnp.isfinite(new_w))
+      new_w = jnp.where(finite, new_w, state.task_weights)
+      worst = jnp.max(jnp.where(mask, L @ new_w, -jnp.inf) if mask is not None else L @ new_w)
+      return (new_w, jnp.where(finite, a, state.interaction),
+              jnp.where(finite, worst, state.worst_lookahead_loss), converged)
 
-    if exact:
-      L_game = L
-      if mask is not None:  # absent tasks' rows never bind
-        L_game = jnp.where(mask[:, None], L, jnp.min(L) - 1.0)
-      info = game.maxent_nash_with_info(L_game)
-      new_w, converged = info.w, info.converged
+    if task_grads_fn is not None:
+      if task_vjp is None or gram_fn is not None or gram is not None:
+        raise ValueError(
+            f"{name}: task_grads_fn=... is for lean mode (with task_vjp=...) and replaces "
+            "gram_fn/gram; pass task_vjp and task_grads_fn only.")
+
+      def refresh_step():
+        grads = task_grads_fn()
+        weighting.check_task_grads(grads, n, name)
+        new_w, new_a, worst, converged = choose(interaction_from(lookahead.task_gram(grads)))
+        return weighting.weighted_sum(grads, new_w), new_w, new_a, worst, converged
+
+      def ordinary_step():
+        new_w, new_a, worst, converged = choose(state.interaction)
+        return weighting.combine(None, new_w, n, name, task_vjp), new_w, new_a, worst, converged
+
+      out, new_w, new_a, worst, converged = jax.lax.cond(due, refresh_step, ordinary_step)
     else:
-      new_w = game.update_weights(L, state.task_weights, weight_lr, mask)
-      converged = jnp.ones([], bool)
-
-    finite = jnp.all(jnp.isfinite(L)) & jnp.all(jnp.isfinite(new_w))
-    new_w = jnp.where(finite, new_w, state.task_weights)
-    new_a = jnp.where(finite, new_a, state.interaction)
-    worst = jnp.max(jnp.where(mask, L @ new_w, -jnp.inf) if mask is not None else L @ new_w)
-    out = weighting.combine(updates, new_w, n, name, task_vjp)
+      if task_vjp is None:
+        weighting.check_task_grads(updates, n, name)
+        compute = lambda: lookahead.task_gram(updates)
+      elif gram_fn is not None:
+        compute = gram_fn
+      elif gram is not None:
+        compute = lambda: jnp.asarray(gram)
+      else:
+        raise ValueError(
+            f"{name}: lean mode (task_vjp given) needs gram_fn=... (or gram=..., or "
+            "task_grads_fn=...) to refresh the interaction matrix.")
+      a = jax.lax.cond(due, lambda: interaction_from(compute()), lambda: state.interaction)
+      new_w, new_a, worst, converged = choose(a)
+      out = weighting.combine(updates, new_w, n, name, task_vjp)
     new_state = LookaheadDROState(
         count=optax.safe_increment(state.count),
         task_weights=new_w,
         interaction=new_a,
-        worst_lookahead_loss=jnp.where(finite, worst, state.worst_lookahead_loss),
+        worst_lookahead_loss=worst,
         solver_converged=converged,
     )
     return out, new_state

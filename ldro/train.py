@@ -14,7 +14,9 @@ loss on its slice. Two ways to get the weighted update:
   this step's weights from the losses and pulls them back through the VJP
   (exactly the cost of ordinary training). The Gram matrix is computed only
   on refresh steps, inside the transformation's ``lax.cond``, with the chosen
-  strategy (``grouped``, ``chunked``, ``pairwise``, ``jacrev``).
+  strategy (``grouped``, ``chunked``, ``pairwise``, ``jacrev``). With
+  ``grouped`` the refresh step's ``N`` gradients (``vmap(grad)``) also give
+  its update (``task_grads_fn``): no second backward pass on that step.
 
 Non-finite values: every step checks the task losses and the final update
 (on device, no host sync). A non-finite step is skipped: params and optimizer
@@ -210,12 +212,21 @@ def make_train_step(
       losses, vjp_fn, aux = jax.vjp(all_losses, state.params, has_aux=True)
       mask = _task_mask(aux)
       scalar_loss = lambda p, tb_k: one_task(p, tb_k)[0]
-      gram_fn = lambda: lookahead.compute_gram(
-          gram_strategy, scalar_loss if gram_strategy != "jacrev" else (lambda p, b: losses_fn(p)[0]),
-          state.params, sliced, chunk_size)
+      if gram_strategy == "grouped":
+        # The N gradients of a refresh step serve the Gram matrix and the update
+        # (no second backward pass); transformations that do not refresh
+        # anything ignore this extra argument.
+        refresh_args = {"task_grads_fn": lambda: _constrain(
+            lookahead.per_task_grads(scalar_loss, state.params, sliced), param_shardings,
+            stacked=True)}
+      else:
+        refresh_args = {"gram_fn": lambda: lookahead.compute_gram(
+            gram_strategy,
+            scalar_loss if gram_strategy != "jacrev" else (lambda p, b: losses_fn(p)[0]),
+            state.params, sliced, chunk_size)}
       updates, opt_state = tx.update(None, state.opt_state, state.params, task_losses=losses,
                                      task_mask=mask, key=tx_key, task_vjp=vjp_fn,
-                                     gram_fn=gram_fn)
+                                     **refresh_args)
     updates = _constrain(updates, param_shardings)
     new_params = optax.apply_updates(state.params, updates)
     extra = {k: v for k, v in aux.items()} if isinstance(aux, dict) else {}

@@ -87,6 +87,76 @@ def test_lean_mode_equals_jacobian_mode():
     theta = jax.tree.map(lambda p, u: p - 0.01 * u, theta, u_jac)
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_lean_mode_with_gradient_reuse(exact):
+  # task_grads_fn: refresh steps take their Gram matrix and their update from
+  # the N gradients it returns; ordinary steps pull w back through task_vjp.
+  # Gradients that differ from the VJP's by a factor 2 show which one each
+  # step used; the weights follow Jacobian mode's exactly.
+  theta, losses_fn = quadratic_problem()
+  txs = [ldro.ldro_weights(N, 0.05, 0.3, update_every=3, exact=exact) for _ in range(2)]
+
+  @jax.jit
+  def steps(theta, s_jac, s_reuse):
+    losses = losses_fn(theta)
+    grads = jax.jacrev(losses_fn)(theta)
+    u_jac, s_jac = txs[0].update(grads, s_jac, theta, task_losses=losses)
+    _, vjp = jax.vjp(losses_fn, theta)
+    twice = lambda: jax.tree.map(lambda g: 2.0 * g, grads)
+    u_reuse, s_reuse = txs[1].update(None, s_reuse, theta, task_losses=losses, task_vjp=vjp,
+                                     task_grads_fn=twice)
+    return u_jac, s_jac, u_reuse, s_reuse
+
+  s_jac, s_reuse = txs[0].init(theta), txs[1].init(theta)
+  for i in range(7):
+    u_jac, s_jac, u_reuse, s_reuse = steps(theta, s_jac, s_reuse)
+    refresh = i % 3 == 0
+    # The Gram of 2g is 4G: the normalised interaction matrix doubles.
+    np.testing.assert_allclose(s_reuse.interaction, 2.0 * s_jac.interaction, rtol=1e-5,
+                               atol=1e-6)
+    if not refresh:
+      np.testing.assert_allclose(
+          u_reuse["w"], jnp.tensordot(s_reuse.task_weights, jax.jacrev(losses_fn)(theta)["w"], 1),
+          rtol=1e-5, atol=1e-6)
+    else:
+      np.testing.assert_allclose(
+          u_reuse["w"], 2.0 * jnp.tensordot(s_reuse.task_weights,
+                                            jax.jacrev(losses_fn)(theta)["w"], 1),
+          rtol=1e-5, atol=1e-6)
+    theta = jax.tree.map(lambda p, u: p - 0.01 * u, theta, u_jac)
+  # With the true gradients, the updates and weights equal Jacobian mode's.
+  theta = quadratic_problem()[0]
+  s_jac, s_reuse = txs[0].init(theta), txs[1].init(theta)
+  for _ in range(5):
+    losses, vjp = jax.vjp(losses_fn, theta)
+    grads = jax.jacrev(losses_fn)(theta)
+    u_jac, s_jac = txs[0].update(grads, s_jac, theta, task_losses=losses)
+    u_reuse, s_reuse = txs[1].update(None, s_reuse, theta, task_losses=losses, task_vjp=vjp,
+                                     task_grads_fn=lambda: grads)
+    # (maxent_nash, compiled in another context, meets float32 round-off in L
+    # with weights that agree to ~1e-5 absolute on this near-degenerate game)
+    tol, w_atol = (1e-3, 1e-4) if exact else (1e-5, 1e-6)
+    np.testing.assert_allclose(u_reuse["w"], u_jac["w"], rtol=tol, atol=1e-7)
+    np.testing.assert_allclose(s_reuse.task_weights, s_jac.task_weights, rtol=tol, atol=w_atol)
+    theta = jax.tree.map(lambda p, u: p - 0.01 * u, theta, u_jac)
+
+
+def test_gradient_reuse_argument_errors():
+  theta, losses_fn = quadratic_problem()
+  tx = ldro.ldro_weights(N, 0.05, 0.3)
+  state = tx.init(theta)
+  losses, vjp = jax.vjp(losses_fn, theta)
+  grads_fn = lambda: jax.jacrev(losses_fn)(theta)
+  with pytest.raises(ValueError, match="task_grads_fn"):
+    tx.update(None, state, theta, task_losses=losses, task_grads_fn=grads_fn)
+  with pytest.raises(ValueError, match="task_grads_fn"):
+    tx.update(None, state, theta, task_losses=losses, task_vjp=vjp, task_grads_fn=grads_fn,
+              gram_fn=lambda: ldro.task_gram(grads_fn()))
+  with pytest.raises(ValueError, match="leading task axis"):
+    tx.update(None, state, theta, task_losses=losses, task_vjp=vjp,
+              task_grads_fn=lambda: {"w": jnp.zeros((N + 1, D))})
+
+
 def test_interaction_refreshed_only_when_due_and_zero_at_start():
   theta, losses_fn = quadratic_problem()
   tx = ldro.ldro_weights(N, 0.1, 0.1, update_every=3)
