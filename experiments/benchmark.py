@@ -96,18 +96,22 @@ CNN_MODELS = {
 }
 
 def M(label, method, extra=None, mode="lean", strategy="grouped", chunk=None, period=None,
-      vmap_losses=False):
+      vmap_losses=False, reuse=None):
   """A method to time. ``period``: refresh period T of the interaction matrix
   (None: no periodic work). ``vmap_losses``: lean mode computes the task
-  losses by ``vmap`` of the per-task loss instead of one batched call."""
+  losses by ``vmap`` of the per-task loss instead of one batched call.
+  ``reuse``: ``reuse_refresh_grads`` of the step (None: the workload's, see
+  :func:`reuse_ok`)."""
   return dict(label=label, method=method, extra=extra or {}, mode=mode, strategy=strategy,
-              chunk=chunk, period=period, vmap_losses=vmap_losses)
+              chunk=chunk, period=period, vmap_losses=vmap_losses, reuse=reuse)
 
 
 CNN_METHODS = [
     M("equal (lean)", "equal"),
     M("equal (lean, vmap losses)", "equal", vmap_losses=True),
     M("L-DRO T=100 (lean, grouped)", "ldro", {"update_every": 100}, period=100),
+    M("L-DRO T=100 (lean, grouped, second pass)", "ldro", {"update_every": 100}, period=100,
+      reuse=False),
     M("L-DRO T=100 (jacobian)", "ldro", {"update_every": 100}, "jacobian", period=100),
     M("L-DRO T=10 (lean, grouped)", "ldro", {"update_every": 10}, period=10),
     M("L-DRO T=1 (jacobian)", "ldro", {"update_every": 1}, "jacobian", period=1),
@@ -425,13 +429,26 @@ def _plain_bench(params, batch, plain_loss, n) -> StepBench:
   return StepBench("plain", ldro_train.make_plain_step(plain_loss, tx, n), state, batch)
 
 
-def _method_bench(spec, params, batch, task_loss, grouped_losses, n) -> StepBench:
+def reuse_ok(model_or_config) -> bool:
+  """``reuse_refresh_grads`` for a workload: as the experiments set it (the CNN
+  with its custom VJPs, or any model off CPU; the decoder: no convolutions)."""
+  if isinstance(model_or_config, cnn.ConvNet):
+    return (cnn.resolve_conv_impl(model_or_config.conv_impl) == "custom_vjp"
+            or jax.default_backend() != "cpu")
+  return True
+
+
+def _method_bench(spec, params, batch, task_loss, grouped_losses, n,
+                  reuse: bool = True) -> StepBench:
   tx = make_tx(spec["method"], n, spec["extra"])
   state = ldro_train.init_train_state(params, tx, jax.random.PRNGKey(1))
   batched = spec["mode"] == "lean" and not spec["vmap_losses"]
+  if spec.get("reuse") is not None:
+    reuse = spec["reuse"]
   step = ldro_train.make_train_step(task_loss, tx, mode=spec["mode"],
                                     gram_strategy=spec["strategy"], chunk_size=spec["chunk"],
-                                    losses_fn=grouped_losses if batched else None)
+                                    losses_fn=grouped_losses if batched else None,
+                                    reuse_refresh_grads=reuse)
   return StepBench(spec["label"], step, state, batch, spec["period"])
 
 
@@ -444,7 +461,8 @@ def bench_steps(workload, methods, rounds, k, k_refresh, log) -> dict:
   n = batch[next(iter(batch))].shape[0]
   benches = [_plain_bench(_copy(params), batch, plain_loss, n)]
   for spec in methods:
-    benches.append(_method_bench(spec, _copy(params), batch, task_loss, grouped_losses, n))
+    benches.append(_method_bench(spec, _copy(params), batch, task_loss, grouped_losses, n,
+                                 reuse_ok(workload[0])))
     log(f"    compiled {spec['label']} in {benches[-1].compile_s:.1f} s")
   rows = _rates(_bench_group(benches, rounds, k, k_refresh, log))
   return {"rows": rows}
@@ -455,7 +473,8 @@ def bench_direct(workload, specs, steps: int, repeats: int, log) -> list[dict]:
   _, params, batch, task_loss, plain_loss, grouped_losses = workload
   n = batch[next(iter(batch))].shape[0]
   benches = [_plain_bench(_copy(params), batch, plain_loss, n)]
-  benches += [_method_bench(s, _copy(params), batch, task_loss, grouped_losses, n)
+  benches += [_method_bench(s, _copy(params), batch, task_loss, grouped_losses, n,
+                            reuse_ok(workload[0]))
               for s in specs]
   times = {b.label: [] for b in benches}
   for b in benches:
@@ -488,7 +507,7 @@ def bench_scaling(model: str, ns, total_batch: int, strategies, log,
     t_plain = statistics.median([plain._run(k) / k for _ in range(3)])  # pylint: disable=protected-access
     for label, mode, strategy, chunk in strategies:
       spec = M(label, "ldro", {"update_every": 1}, mode, strategy, chunk, 1)
-      b = _method_bench(spec, _copy(params), batch, task_loss, grouped_losses, n)
+      b = _method_bench(spec, _copy(params), batch, task_loss, grouped_losses, n, reuse_ok(wl[0]))
       t1 = b._run(1)  # pylint: disable=protected-access
       ts = [t1]
       if t1 < max_seconds / 4:

@@ -56,6 +56,13 @@ class Experiment(abc.ABC):
   #: :meth:`task_loss`.
   grouped_losses: Optional[Callable[..., Any]] = None
 
+  #: Whether lean-mode L-DRO with the ``grouped`` strategy takes a refresh
+  #: step's update from its ``N`` gradients
+  #: (``ldro.train.make_train_step(reuse_refresh_grads=)``); ``None``: that
+  #: function's default (on GPU/TPU, not on CPU). An experiment whose model's
+  #: backward pass stays fast inside ``lax.cond`` on CPU says ``True``.
+  reuse_refresh_grads: Optional[bool] = None
+
   @abc.abstractmethod
   def train_batch(self, step: int) -> PyTree:
     """Task-grouped training batch for ``step`` (pure function of the step)."""

@@ -151,6 +151,11 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     self.batcher = images_lib.GroupedBatcher(self.data, int(batch_size), int(seed))
     self.steps_per_epoch = self.batcher.steps_per_epoch
     self.model = MODELS[model](num_classes=self.data.num_classes, conv_impl=conv_impl)
+    # ldro.models.cnn's custom VJPs keep their speed inside lax.cond on CPU
+    # (XLA's own convolution gradients do not): lean-mode L-DRO may then reuse
+    # a refresh step's N gradients for its update.
+    self.reuse_refresh_grads = (True if cnn.resolve_conv_impl(conv_impl) == "custom_vjp"
+                                else None)
     self.eval_batch_size = int(eval_batch_size)
     self._image_shape = tuple(self.data.train_images.shape[1:])
     self._eval_batch = jax.jit(self._eval_counts)

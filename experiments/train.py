@@ -289,7 +289,8 @@ def train_and_evaluate(
     tx = optax.chain(weighting, *configurables.optimizer())
     step_builder = lambda ps: ldro_train.make_train_step(
         exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
-        param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None)
+        param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None,
+        reuse_refresh_grads=exp.reuse_refresh_grads)
 
   rng = jax.random.PRNGKey(seed)
   init_rng, train_rng = jax.random.split(rng)

@@ -15,8 +15,10 @@ loss on its slice. Two ways to get the weighted update:
   (exactly the cost of ordinary training). The Gram matrix is computed only
   on refresh steps, inside the transformation's ``lax.cond``, with the chosen
   strategy (``grouped``, ``chunked``, ``pairwise``, ``jacrev``). With
-  ``grouped`` the refresh step's ``N`` gradients (``vmap(grad)``) also give
-  its update (``task_grads_fn``): no second backward pass on that step.
+  ``grouped`` and ``reuse_refresh_grads`` the refresh step's ``N`` gradients
+  (``vmap(grad)``) also give its update (``task_grads_fn``): no second
+  backward pass on that step, but the ordinary step's backward pass then runs
+  inside a ``lax.cond`` branch (see :func:`make_train_step`).
 
 Non-finite values: every step checks the task losses and the final update
 (on device, no host sync). A non-finite step is skipped: params and optimizer
@@ -146,6 +148,7 @@ def make_train_step(
     chunk_size: Optional[int] = None,
     param_shardings: Optional[PyTree] = None,
     losses_fn: Optional[Callable[..., tuple[Array, Any]]] = None,
+    reuse_refresh_grads: Optional[bool] = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   """Builds the multitask train step (pure; wrap it in ``jax.jit``).
 
@@ -171,6 +174,16 @@ def make_train_step(
       layers with a custom VJP, whose backward ``vmap`` would otherwise run
       per task (see ``ldro.models.cnn.conv_same``). ``aux`` may hold
       ``'count'`` ``[N]``. The Gram strategies still use ``task_loss_fn``.
+    reuse_refresh_grads: lean mode with ``gram_strategy='grouped'`` only: take
+      a refresh step's update ``sum_i w_i g_i`` from the ``N`` gradients of its
+      Gram matrix (``task_grads_fn`` of :func:`ldro.ldro_weights`) instead of
+      a second backward pass. Both the refresh and the ordinary step's
+      backward pass then run inside ``lax.cond`` branches, where XLA:CPU can
+      lose its fast convolution kernels (measured: a x30 slower step with
+      flax's ``nn.Conv`` gradients; ``ldro.models.cnn``'s custom VJPs and
+      convolution-free models keep their speed). ``None`` (default): reuse on
+      GPU and TPU, not on the CPU backend; pass ``True`` on CPU for models
+      whose backward pass is known to be fast under ``lax.cond``.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; metrics hold ``task_losses``
@@ -182,6 +195,8 @@ def make_train_step(
     raise ValueError(f"unknown Gram strategy {gram_strategy!r}; known: "
                      f"{', '.join(lookahead.GRAM_STRATEGIES)}.")
   batched_losses_fn = losses_fn
+  if reuse_refresh_grads is None:
+    reuse_refresh_grads = jax.default_backend() != "cpu"
 
   def step(state: TrainState, batch: PyTree):
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -212,7 +227,7 @@ def make_train_step(
       losses, vjp_fn, aux = jax.vjp(all_losses, state.params, has_aux=True)
       mask = _task_mask(aux)
       scalar_loss = lambda p, tb_k: one_task(p, tb_k)[0]
-      if gram_strategy == "grouped":
+      if gram_strategy == "grouped" and reuse_refresh_grads:
         # The N gradients of a refresh step serve the Gram matrix and the update
         # (no second backward pass); transformations that do not refresh
         # anything ignore this extra argument.

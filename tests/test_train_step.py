@@ -34,19 +34,21 @@ def _problem():
 @pytest.mark.parametrize("method,kw", [("ldro", {"update_every": 3}),
                                        ("ldro_exact", {"update_every": 2})])
 def test_modes_and_strategies_train_alike(method, kw):
-  # Lean mode with the grouped strategy reuses the refresh step's N gradients
-  # for its update (task_grads_fn); with pairwise it does a second backward
-  # pass; Jacobian mode has the N gradients every step. All three train alike.
+  # Lean mode with the grouped strategy can reuse the refresh step's N
+  # gradients for its update (task_grads_fn) or do a second backward pass, as
+  # with pairwise; Jacobian mode has the N gradients every step. All train alike.
   params, batch, task_loss, losses_fn = _problem()
   results = {}
-  for label, mode, strategy, lfn in [("jacobian", "jacobian", "grouped", None),
-                                     ("lean grouped", "lean", "grouped", losses_fn),
-                                     ("lean grouped vmap", "lean", "grouped", None),
-                                     ("lean pairwise", "lean", "pairwise", losses_fn)]:
+  for label, mode, strategy, lfn, reuse in [
+      ("jacobian", "jacobian", "grouped", None, None),
+      ("lean grouped, reuse", "lean", "grouped", losses_fn, True),
+      ("lean grouped vmap, reuse", "lean", "grouped", None, True),
+      ("lean grouped, second pass", "lean", "grouped", losses_fn, False),
+      ("lean pairwise", "lean", "pairwise", losses_fn, None)]:
     tx = optax.chain(ldro.get_method(method, num_tasks=N, lookahead_lr=0.05, weight_lr=0.3,
                                      **kw), optax.sgd(0.05))
     step = jax.jit(ldro_train.make_train_step(task_loss, tx, mode=mode, gram_strategy=strategy,
-                                              losses_fn=lfn))
+                                              losses_fn=lfn, reuse_refresh_grads=reuse))
     state = ldro_train.init_train_state(params, tx, jax.random.key(0))
     for _ in range(7):
       state, metrics = step(state, batch)
