@@ -17,7 +17,11 @@ process on the same machine:
   size and against N;
 * **solver times**: jitted ``maxent_nash`` for N = 100 and
   ``update_weights`` for N = 1000;
-* optionally (if ``torch`` imports) a PyTorch plain step of the same small CNN.
+* optionally (if ``torch`` imports) PyTorch reference steps of the same small
+  CNN and batch: a plain step, PCGrad as LibMTL computes it (N backward
+  passes) and, if ``torchjd`` imports, PCGrad through torchjd's Gramian
+  engine; the targets then include our L-DRO step against PyTorch's plain
+  step and our PCGrad against torchjd's.
 
 How a step rate is measured: every step function is ``jax.jit``-ed with the
 state donated (its first call, which compiles, is timed apart as compile time).
