@@ -64,9 +64,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shlex
-import re
 import statistics
 import subprocess
 import tempfile
@@ -433,17 +433,17 @@ def _plain_bench(params, batch, plain_loss, n) -> StepBench:
   return StepBench("plain", ldro_train.make_plain_step(plain_loss, tx, n), state, batch)
 
 
-def reuse_ok(model_or_config) -> bool:
-  """``reuse_refresh_grads`` for a workload: as the experiments set it (the CNN
-  with its custom VJPs, or any model off CPU; the decoder: no convolutions)."""
+def reuse_ok(model_or_config) -> Optional[bool]:
+  """``reuse_refresh_grads`` for a workload, as the experiments set it: True
+  for the CNN with its custom VJPs and for the decoder (no convolutions),
+  else None (``make_train_step``'s default)."""
   if isinstance(model_or_config, cnn.ConvNet):
-    return (cnn.resolve_conv_impl(model_or_config.conv_impl) == "custom_vjp"
-            or jax.default_backend() != "cpu")
+    return True if cnn.fast_backward_under_cond(model_or_config.conv_impl) else None
   return True
 
 
 def _method_bench(spec, params, batch, task_loss, grouped_losses, n,
-                  reuse: bool = True) -> StepBench:
+                  reuse: Optional[bool] = None) -> StepBench:
   tx = make_tx(spec["method"], n, spec["extra"])
   state = ldro_train.init_train_state(params, tx, jax.random.PRNGKey(1))
   batched = spec["mode"] == "lean" and not spec["vmap_losses"]
@@ -667,8 +667,8 @@ def torch_step(model: str, n: int, per_task: int, rounds: int, k: int) -> Option
   cfg = CNN_MODELS[model]
 
   def build():
-    """(conv stack, MLP head, parameters, optimizer): one copy per step, since
-    torchjd's engine hooks its modules for good."""
+    """(per-example losses function, layers, parameters, optimizer): one copy
+    per step, since torchjd's engine hooks its modules for good."""
     layers, ch = [], 3
     for _ in range(cfg["num_conv"]):
       layers += [tnn.Conv2d(ch, cfg["features"], 3, padding=1), tnn.ReLU(), tnn.MaxPool2d(2)]
@@ -680,7 +680,10 @@ def torch_step(model: str, n: int, per_task: int, rounds: int, k: int) -> Option
     head.append(tnn.Linear(width, 100))
     conv, mlp = tnn.Sequential(*layers), tnn.Sequential(*head)
     params = list(conv.parameters()) + list(mlp.parameters())
-    return conv, mlp, params, torch.optim.SGD(params, lr=0.025, momentum=0.9, nesterov=True)
+    per_example_losses = lambda: tnn.functional.cross_entropy(
+        mlp(conv(x).mean(dim=(2, 3))), y, reduction="none")
+    return (per_example_losses, list(conv) + list(mlp), params,
+            torch.optim.SGD(params, lr=0.025, momentum=0.9, nesterov=True))
 
   b = n * per_task
   x = torch.randn(b, 3, 32, 32)
@@ -690,22 +693,20 @@ def torch_step(model: str, n: int, per_task: int, rounds: int, k: int) -> Option
     avg[i, i * per_task:(i + 1) * per_task] = 1.0 / per_task
 
   def make_plain():
-    conv, mlp, _, opt = build()
+    per_example_losses, _, _, opt = build()
 
     def plain():
       opt.zero_grad(set_to_none=True)
-      tnn.functional.cross_entropy(mlp(conv(x).mean(dim=(2, 3))), y).backward()
+      per_example_losses().mean().backward()
       opt.step()
     return plain
 
   def make_pcgrad_loop():
-    conv, mlp, params, opt = build()
+    per_example_losses, _, params, opt = build()
 
     def pcgrad_loop():
       opt.zero_grad(set_to_none=True)
-      per_example = tnn.functional.cross_entropy(mlp(conv(x).mean(dim=(2, 3))), y,
-                                                 reduction="none")
-      task_losses = per_example.view(n, per_task).mean(dim=1)
+      task_losses = avg @ per_example_losses()
       grads = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
           task_losses[i], params, retain_graph=i < n - 1)]) for i in range(n)])
       projected = grads.clone()
@@ -726,15 +727,14 @@ def torch_step(model: str, n: int, per_task: int, rounds: int, k: int) -> Option
   try:
     from torchjd import aggregation as tjd_agg  # pylint: disable=g-import-not-at-top
     from torchjd import autogram as tjd_autogram  # pylint: disable=g-import-not-at-top
-    conv, mlp, _, opt = build()
-    leaves = [m for m in list(conv) + list(mlp) if any(True for _ in m.parameters(recurse=False))]
+    per_example_losses, layers, _, opt = build()
+    leaves = [m for m in layers if any(True for _ in m.parameters(recurse=False))]
     engine = tjd_autogram.Engine(*leaves, batch_dim=0)
     weighting = tjd_agg.PCGradWeighting()
 
     def pcgrad_torchjd():
       opt.zero_grad(set_to_none=True)
-      per_example = tnn.functional.cross_entropy(mlp(conv(x).mean(dim=(2, 3))), y,
-                                                 reduction="none")
+      per_example = per_example_losses()
       gram = avg @ engine.compute_gramian(per_example) @ avg.T  # [n, n] task Gram
       (avg @ per_example).backward(weighting(gram))
       opt.step()
@@ -758,7 +758,6 @@ def torch_step(model: str, n: int, per_task: int, rounds: int, k: int) -> Option
          "steps": {name: {"step_ms": 1e3 * statistics.median(ts), "what": TORCH_STEPS[name],
                           "runs_ms": [1e3 * t for t in ts]} for name, ts in times.items()},
          "skipped": skipped}
-  out["step_ms"] = out["steps"]["plain"]["step_ms"]  # the plain step, as before
   return out
 
 
@@ -796,9 +795,9 @@ def evaluate_targets(res: dict) -> list[dict]:
       r = min(t1, key=lambda r: r["ratio_to_plain"])
       add("ldro_t1_small", f"small CNN, {r['label']}", r["ratio_to_plain"],
           TARGETS["ldro_t1_small"])
-    r = _find(rows, "PCGrad (jacobian)")
-    if r:
-      add("pcgrad_small", "small CNN, PCGrad (jacobian)", r["ratio_to_plain"],
+    pcgrad = _find(rows, "PCGrad (jacobian)")
+    if pcgrad:
+      add("pcgrad_small", "small CNN, PCGrad (jacobian)", pcgrad["ratio_to_plain"],
           TARGETS["pcgrad_small"])
     # Absolute goals (issue 6): our L-DRO T=100 step no slower than PyTorch's
     # plain step, our PCGrad no slower than torchjd's; ratios of step times.
@@ -809,10 +808,10 @@ def evaluate_targets(res: dict) -> list[dict]:
       add("ldro_t100_vs_torch_plain", f"small CNN, {r['label']} step / PyTorch "
           f"{torch_res['torch']} plain step", r["step_ms"] / ref["plain"]["step_ms"],
           TARGETS["ldro_t100_vs_torch_plain"])
-    r = _find(rows, "PCGrad (jacobian)")
-    if r and "pcgrad_torchjd" in ref and torch_res.get("model") == "small":
+    if pcgrad and "pcgrad_torchjd" in ref and torch_res.get("model") == "small":
       add("pcgrad_vs_torchjd", f"small CNN, PCGrad (jacobian) step / torchjd "
-          f"{torch_res.get('torchjd')} PCGrad step", r["step_ms"] / ref["pcgrad_torchjd"]["step_ms"],
+          f"{torch_res.get('torchjd')} PCGrad step",
+          pcgrad["step_ms"] / ref["pcgrad_torchjd"]["step_ms"],
           TARGETS["pcgrad_vs_torchjd"])
   lm = res.get("lm")
   if lm:
@@ -897,9 +896,9 @@ def to_markdown(res: dict) -> str:
     t = res["torch"]
     jax_rows = res.get("cnn", {}).get(t["model"], {}).get("rows", [])
     lines += [f"### PyTorch {t['torch']} reference steps ({t['threads']} threads, child process), "
-              f"same {t['model']} CNN, {t['examples']} examples, {t.get('tasks', '?')} tasks", "",
+              f"same {t['model']} CNN, {t['examples']} examples, {t['tasks']} tasks", "",
               "| step | ms | x PyTorch plain | what |", "|---|---|---|---|"]
-    steps = t.get("steps") or {"plain": {"step_ms": t["step_ms"], "what": TORCH_STEPS["plain"]}}
+    steps = t["steps"]
     for name, r in steps.items():
       lines.append(f"| torch {name} | {r['step_ms']:.1f} | "
                    f"{r['step_ms'] / steps['plain']['step_ms']:.2f} | {r['what']} |")

@@ -142,20 +142,19 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
                        f"{', '.join(MODELS)}.")
     if int(eval_batch_size) < 1:
       raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}.")
-    if conv_impl not in cnn.CONV_IMPLS:
-      raise ValueError(f"unknown conv_impl {conv_impl!r} (ImageClassificationExperiment.conv_impl); "
-                       f"known: {', '.join(cnn.CONV_IMPLS)}.")
+    try:
+      # The custom VJPs keep their speed inside lax.cond on CPU (XLA's own
+      # convolution gradients do not): lean-mode L-DRO may then reuse a
+      # refresh step's N gradients for its update.
+      self.reuse_refresh_grads = True if cnn.fast_backward_under_cond(conv_impl) else None
+    except ValueError as e:
+      raise ValueError(f"{e} (ImageClassificationExperiment.conv_impl)") from None
     self.dataset = dataset
     self.data = load_task_data(dataset, data_dir, pairs, download)
     self.task_names = list(self.data.task_names)
     self.batcher = images_lib.GroupedBatcher(self.data, int(batch_size), int(seed))
     self.steps_per_epoch = self.batcher.steps_per_epoch
     self.model = MODELS[model](num_classes=self.data.num_classes, conv_impl=conv_impl)
-    # ldro.models.cnn's custom VJPs keep their speed inside lax.cond on CPU
-    # (XLA's own convolution gradients do not): lean-mode L-DRO may then reuse
-    # a refresh step's N gradients for its update.
-    self.reuse_refresh_grads = (True if cnn.resolve_conv_impl(conv_impl) == "custom_vjp"
-                                else None)
     self.eval_batch_size = int(eval_batch_size)
     self._image_shape = tuple(self.data.train_images.shape[1:])
     self._eval_batch = jax.jit(self._eval_counts)

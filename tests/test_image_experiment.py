@@ -186,3 +186,5 @@ def test_missing_data_dir_fails_clearly(tmp_path):
     image_experiment.ImageClassificationExperiment(dataset="cifar100", model="huge")
   with pytest.raises(ValueError, match="needs ImageClassificationExperiment.data_dir"):
     image_experiment.ImageClassificationExperiment(dataset="cifar10_pairs", data_dir=None)
+  with pytest.raises(ValueError, match=r"conv_impl must be one of .*ImageClassificationExperiment"):
+    image_experiment.ImageClassificationExperiment(dataset="cifar100", conv_impl="cudnn")

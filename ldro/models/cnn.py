@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["max_pool_2x2", "conv_same", "SameConv", "ConvNet", "SmallCNN", "LargeCNN",
-           "CONV_IMPLS", "resolve_conv_impl"]
+           "CONV_IMPLS", "resolve_conv_impl", "fast_backward_under_cond"]
 
 #: ``conv_impl`` values of :class:`SameConv` / :class:`ConvNet`.
 CONV_IMPLS = ("auto", "custom_vjp", "xla")
@@ -57,6 +57,23 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
   if conv_impl != "auto":
     return conv_impl
   return "custom_vjp" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+def fast_backward_under_cond(conv_impl: str, backend: str | None = None) -> bool:
+  """Whether the CNN's backward pass keeps its speed inside ``lax.cond`` on CPU.
+
+  True for the custom VJPs (:func:`conv_same`, :func:`max_pool_2x2`), whose
+  gradients are convolutions XLA:CPU runs with its fast kernels in every
+  context; False for XLA's own convolution gradients, which XLA:CPU runs with
+  its naive emitter inside ``lax.cond`` (an L-DRO step x30 slower,
+  ``results/benchmark``). What ``ldro.train.make_train_step``'s
+  ``reuse_refresh_grads`` needs to know on CPU.
+
+  Args:
+    conv_impl: one of :data:`CONV_IMPLS`.
+    backend: the JAX backend (default ``jax.default_backend()``).
+  """
+  return resolve_conv_impl(conv_impl, backend) == "custom_vjp"
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
