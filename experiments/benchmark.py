@@ -42,7 +42,7 @@ Usage::
     python -m experiments.benchmark --quick        # CI-sized (tiny sizes, ~1 min)
 
 Like the training programs, the command runs under the CPU settings of
-:mod:`experiments.cpu_runtime` (Eigen rather than YNNPACK convolutions,
+:mod:`experiments.runner.cpu_runtime` (Eigen rather than YNNPACK convolutions,
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; it re-executes itself to apply
 them; ``--untuned`` to skip), and, in the full run, measures the small CNN once
 more without each of them in child processes, and once more with XLA's own
@@ -55,9 +55,9 @@ Writes ``<out>/benchmark.json``, ``<out>/benchmark.md`` and
 
 import sys
 
-# Before JAX starts (see experiments/cpu_runtime.py).
+# Before JAX starts (see experiments/runner/cpu_runtime.py).
 if __name__ == "__main__" and "--untuned" not in sys.argv:
-  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+  from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.benchmark")
 
 import argparse
@@ -85,7 +85,7 @@ from ldro import train as ldro_train
 from ldro.lookahead_dro import LookaheadDROState
 from ldro.models import cnn
 from ldro.models import decoder as decoder_lib
-from experiments import cpu_runtime
+from experiments.runner import cpu_runtime
 
 PyTree = Any
 
@@ -1004,7 +1004,7 @@ def parse_args(argv=None):
   p.add_argument("--scaling_ns", default=None, help="e.g. '2,5,10,20,50,100'.")
   p.add_argument("--untuned", action="store_true",
                  help="run in the environment as given: no re-exec under the settings of "
-                      "experiments/cpu_runtime.py (see README).")
+                      "experiments/runner/cpu_runtime.py (see README).")
   p.add_argument("--methods", default=None,
                  help="only the methods whose label contains one of these comma-separated "
                       "strings (commas inside parentheses do not separate; plain is always "
@@ -1070,7 +1070,7 @@ def main(argv=None) -> dict:
       " " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
       if (sys.argv[1:] if argv is None else argv) else "")
   if not args.untuned and argv is None:
-    command += "  # (re-runs itself under experiments/cpu_runtime.py's settings)"
+    command += "  # (re-runs itself under experiments/runner/cpu_runtime.py's settings)"
   res: dict = {"quick": quick, "command": command.strip(),
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                "machine": machine_info(),

@@ -18,7 +18,8 @@ Every scenario runs ``python -m experiments.train`` as a subprocess:
   damaged (a flipped byte in its data) and a fake half-written checkpoint
   (``<step>.orbax-checkpoint-tmp-*``) is planted; the resumed run must ignore
   both, resume from the previous checkpoint and still end identical.
-* **NaN injection** (``SyntheticExperiment.nan_at_step``/``nan_task``): with
+* **NaN injection** (:class:`experiments.runner.fault_injection.NanAtStep` around
+  the synthetic experiment, :func:`nan_bindings`): with
   ``nonfinite='error'`` the run stops with exit code 1 and one ``error:`` line
   naming the step and the task; with ``'skip'`` it finishes, and the params
   and task weights after the poisoned step equal those before it.
@@ -47,6 +48,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_MARK = ".orbax-checkpoint-tmp"
 #: Keys that would make metrics.jsonl depend on wall-clock time.
 CLOCK_WORDS = ("time", "wall", "rate", "sec", "elapsed", "date")
+
+
+def nan_bindings(step: int, task: int) -> list[str]:
+  """Gin bindings wrapping the synthetic experiment so that ``task``'s loss is NaN at ``step``."""
+  return ["import experiments.runner.fault_injection",
+          "train_and_evaluate.experiment = @NanAtStep()",
+          "NanAtStep.experiment = @SyntheticExperiment()",
+          f"NanAtStep.step = {step}", f"NanAtStep.task = {task}"]
 
 
 @dataclasses.dataclass
@@ -355,8 +364,7 @@ class Runner:
     cfg = Config(f"synthetic/ldro + nan_at_step={step}, nan_task={task}",
                  ["gin_configs/synthetic/ldro.gin"],
                  ["train_and_evaluate.num_steps=30", "train_and_evaluate.log_every=5",
-                  "train_and_evaluate.eval_every=1", f"SyntheticExperiment.nan_at_step={step}",
-                  f"SyntheticExperiment.nan_task={task}",
+                  "train_and_evaluate.eval_every=1", *nan_bindings(step, task),
                   f"train_and_evaluate.nonfinite='{policy}'"], 30)
     proc = subprocess.run(cfg.command(wd), cwd=REPO, capture_output=True, text=True,
                           timeout=600, check=False)

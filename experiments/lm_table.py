@@ -27,7 +27,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from experiments import metrics_io
+from experiments.runner import metrics_io
 from ldro import metrics as ldro_metrics
 
 _FLAGS: dict = {}

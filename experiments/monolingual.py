@@ -25,8 +25,8 @@ a subset (e.g. to split the work over processes). The JSON always covers every
 language of the config that has a finished run.
 """
 
-if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
-  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runtime.py
+  from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.monolingual")
 
 import json
@@ -41,8 +41,10 @@ from absl import logging
 import gin
 import numpy as np
 
-from experiments import metrics_io
+from experiments.runner import metrics_io
 from experiments import train as train_lib  # defines --gin_file and --gin_bindings
+from experiments.runner import loop
+from experiments.runner import process
 
 _FLAGS: dict = {}
 
@@ -55,8 +57,7 @@ def define_flags() -> None:
   _FLAGS['keep_checkpoints'] = flags.DEFINE_bool("keep_checkpoints", False,
                                         "Keep the checkpoints of finished runs.")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "gin_configs", "multilingual", "monolingual.gin")
+DEFAULT_CONFIG = "gin_configs/multilingual/monolingual.gin"
 
 
 def summarize_language(workdir: str) -> Optional[dict]:
@@ -75,7 +76,7 @@ def summarize_language(workdir: str) -> Optional[dict]:
 
 def _parse(files: Sequence[str], bindings: Sequence[str]) -> None:
   gin.clear_config()
-  gin.parse_config_files_and_bindings(list(files), list(bindings))
+  train_lib.parse_gin(list(files), list(bindings))
 
 
 def _finished(workdir: str, num_steps: int) -> bool:
@@ -97,7 +98,6 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
   Returns:
     The JSON content.
   """
-  gin.add_config_file_search_path(REPO_ROOT)
   _parse(gin_files, bindings)
   all_languages = list(query("LanguageModelingExperiment.languages"))
   todo = list(languages) if languages else all_languages
@@ -110,7 +110,7 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
       print(f"[mono {lang}] already trained ({steps} steps)", flush=True)
     else:
       print(f"[mono {lang}] training {steps} steps in {workdir}", flush=True)
-      train_lib.train_and_evaluate(workdir, quiet=True)
+      loop.train_and_evaluate(workdir, quiet=True)
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     entry = summarize_language(workdir)
@@ -152,6 +152,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
+  process.hide_gpus_from_tensorflow()
   gin_files = train_lib._GIN_FILE.value or [DEFAULT_CONFIG]  # pylint: disable=protected-access
   run(_FLAGS['root'].value, gin_files, train_lib._GIN_BINDINGS.value,  # pylint: disable=protected-access
       _FLAGS['languages'].value, _FLAGS['keep_checkpoints'].value)

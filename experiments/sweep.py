@@ -27,8 +27,8 @@ are then relative to the current directory: run from the repository root).
 The sweeps (paper section 5.1, Appendices A-B) are defined in :data:`SWEEPS`.
 """
 
-if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
-  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runtime.py
+  from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.sweep")
 
 import dataclasses
@@ -44,9 +44,9 @@ from typing import Callable, Optional, Sequence
 from absl import app
 from absl import flags
 
-from experiments import metrics_io
+from experiments.runner import metrics_io
+from experiments.runner import paths
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's grids (section 5.1).
 DRO_WEIGHT_LRS = ("0", "1e-4", "1e-3", "1e-2", "1e-1")
@@ -60,12 +60,13 @@ class Run:
 
   Attributes:
     name: run directory name, ``<method>`` or ``<method>-<hparams>``.
-    gin_file: gin file, relative to the repository root.
-    bindings: gin bindings applied after the file.
+    gin_files: gin files in order (``gin_configs/...``: an experiment's
+      ``base.gin`` and a ``gin_configs/methods/`` file).
+    bindings: gin bindings applied after the files.
     method: method label for grouping in the Pareto analysis.
   """
   name: str
-  gin_file: str
+  gin_files: tuple[str, ...]
   bindings: tuple[str, ...] = ()
   method: str = ""
 
@@ -75,67 +76,72 @@ class Run:
     return self.method or self.name.split("-", 1)[0]
 
 
-def ldro_grid(config_dir: str, prefix: str = "ldro", gin_file: str = "ldro.gin",
-              extra: Sequence[str] = ()) -> list[Run]:
+def method_file(name: str) -> str:
+  """The gin file of a registered method (``gin_configs/methods/<name>.gin``)."""
+  return f"gin_configs/methods/{name}.gin"
+
+
+def ldro_grid(config_dir: str, prefix: str = "ldro", extra: Sequence[str] = ()) -> list[Run]:
   """L-DRO runs over the paper's eta x lambda grid (section 5.1).
 
   Args:
-    config_dir: gin directory, e.g. ``'gin_configs/cifar100'``.
+    config_dir: experiment's gin directory (its ``base.gin``), e.g. ``'gin_configs/cifar100'``.
     prefix: run-name prefix and method label.
-    gin_file: the L-DRO gin file in ``config_dir``.
-    extra: bindings added to every run.
+    extra: bindings added to every run (e.g. ``UPDATE_EVERY = 10``).
 
   Returns:
     Nine runs ``<prefix>-eta<eta>-lam<lambda>``.
   """
-  return [Run(f"{prefix}-eta{eta}-lam{lam}", f"{config_dir}/{gin_file}",
+  files = (f"{config_dir}/base.gin", method_file("ldro"))
+  return [Run(f"{prefix}-eta{eta}-lam{lam}", files,
               (f"WEIGHT_LR = {eta}", f"LOOKAHEAD_LR = {lam}") + tuple(extra), prefix)
           for eta in LDRO_WEIGHT_LRS for lam in LDRO_LOOKAHEAD_LRS]
 
 
 def method_grid(config_dir: str, extra: Sequence[str] = ()) -> list[Run]:
-  """All methods with the paper's sweeps: 19 runs.
+  """All methods with the paper's sweeps: 19 runs, each ``base.gin`` + a method file.
 
-  Static mixing; DRO with weight lr in {0, 1e-4, 1e-3, 1e-2, 1e-1}; L-DRO
-  with eta in {1e-2, 1e-3, 1e-4} x lambda in {1e-3, 1e-2, 1e-1} (T = 100);
-  PCGrad; avg/max interpolation (alpha 0.5, App. B.2); RLW; RGW.
+  Static mixing (equal weights); DRO with weight lr in {0, 1e-4, 1e-3, 1e-2,
+  1e-1}; L-DRO with eta in {1e-2, 1e-3, 1e-4} x lambda in {1e-3, 1e-2, 1e-1}
+  (T = 100); PCGrad; avg/max interpolation (alpha 0.5, App. B.2); RLW; RGW.
 
   Args:
-    config_dir: gin directory holding the method files.
+    config_dir: the experiment's gin directory (its ``base.gin``).
     extra: bindings added to every run (e.g. an ``include`` of large_cnn.gin).
 
   Returns:
     The runs.
   """
   extra = tuple(extra)
-  runs = [Run("static", f"{config_dir}/static.gin", extra)]
-  runs += [Run(f"dro-eta{eta}", f"{config_dir}/dro.gin", (f"WEIGHT_LR = {eta}",) + extra)
+  base = f"{config_dir}/base.gin"
+  runs = [Run("static", (base, method_file("equal")), extra)]
+  runs += [Run(f"dro-eta{eta}", (base, method_file("dro")), (f"WEIGHT_LR = {eta}",) + extra)
            for eta in DRO_WEIGHT_LRS]
   runs += ldro_grid(config_dir, extra=extra)
-  runs += [Run(m, f"{config_dir}/{m}.gin", extra) for m in ("pcgrad", "avg_max", "rlw", "rgw")]
+  # The committed grids ran PCGrad on the per-task gradients, not its preferred lean mode.
+  runs += [Run("pcgrad", (base, method_file("pcgrad")), ("MODE = 'jacobian'",) + extra)]
+  runs += [Run(m, (base, method_file(m)), extra) for m in ("avg_max", "rlw", "rgw")]
   return runs
 
 
 def _interval_sweep() -> list[Run]:
   runs = []
   for t in (10, 100, 1000):
-    runs += ldro_grid("gin_configs/cifar100", f"ldro_T{t}", f"ldro_interval_{t}.gin")
+    runs += ldro_grid("gin_configs/cifar100", f"ldro_T{t}", [f"UPDATE_EVERY = {t}"])
   return runs
 
 
 def _renorm_sweep() -> list[Run]:
   runs = []
   for t in (100, 1000):
-    runs += ldro_grid("gin_configs/cifar100", f"ldro_T{t}", "ldro.gin", [f"UPDATE_EVERY = {t}"])
-    runs += ldro_grid("gin_configs/cifar100", f"ldro_norenorm_T{t}", "ldro_no_renorm.gin",
-                      [f"UPDATE_EVERY = {t}"])
+    runs += ldro_grid("gin_configs/cifar100", f"ldro_T{t}", [f"UPDATE_EVERY = {t}"])
+    runs += ldro_grid("gin_configs/cifar100", f"ldro_norenorm_T{t}",
+                      [f"UPDATE_EVERY = {t}", "NORMALIZE = False"])
   return runs
 
 
 def _synthetic_sweep() -> list[Run]:
-  return [Run("avg", "gin_configs/synthetic/avg.gin"),
-          Run("dro", "gin_configs/synthetic/dro.gin"),
-          Run("ldro", "gin_configs/synthetic/ldro.gin")]
+  return [Run(m, (f"gin_configs/synthetic/{m}.gin",)) for m in ("avg", "dro", "ldro")]
 
 
 SWEEPS: dict[str, Callable[[], list[Run]]] = {
@@ -178,7 +184,8 @@ def run_bindings(run: Run, seed: int, extra: Sequence[str] = ()) -> list[str]:
 
 def run_command(run: Run, seed: int, workdir: str, extra: Sequence[str] = ()) -> list[str]:
   """The ``python -m experiments.train`` command line of ``run`` at ``seed``."""
-  cmd = [sys.executable, "-m", "experiments.train", f"--gin_file={run.gin_file}"]
+  cmd = [sys.executable, "-m", "experiments.train"]
+  cmd += [f"--gin_file={f}" for f in run.gin_files]
   cmd += [f"--gin_bindings={b}" for b in run_bindings(run, seed, extra)]
   return cmd + [f"--workdir={workdir}"]
 
@@ -210,12 +217,11 @@ def _summary(rec: Optional[dict]) -> str:
 def _train_in_process(run: Run, seed: int, workdir: str, extra: Sequence[str]) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+  from experiments.runner import loop  # pylint: disable=g-import-not-at-top
   gin.clear_config()
-  gin.add_config_file_search_path(REPO_ROOT)
   try:
-    gin.parse_config_files_and_bindings([os.path.join(REPO_ROOT, run.gin_file)],
-                                        run_bindings(run, seed, extra))
-    train_lib.train_and_evaluate(workdir, quiet=True)
+    train_lib.parse_gin(run.gin_files, run_bindings(run, seed, extra))
+    loop.train_and_evaluate(workdir, quiet=True)
   finally:
     gin.clear_config()
 
@@ -269,7 +275,7 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
       f.write(cmd_str + "\n")
     with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
-      json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_file": run.gin_file,
+      json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
                  "bindings": run_bindings(run, seed, extra_bindings)}, f, indent=2)
     say(f"{head}: {'resuming' if status == 'partial' else 'starting'}")
     t0 = time.time()
@@ -283,7 +289,7 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log:
         log.write(f"$ {cmd_str}\n")
         log.flush()
-        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, cwd=paths.repo_root(), stdout=log, stderr=subprocess.STDOUT,
                               check=False)
       if proc.returncode != 0:
         error = f"exit status {proc.returncode}; " + _last_error_line(

@@ -4,13 +4,13 @@ r"""The synthetic proof of concept (paper section 4, Figure 2), all methods.
 
 Trains average loss, DRO, exact L-DRO (Algorithm 1) and online L-DRO
 (Algorithm 3) through the same runner as every experiment
-(:func:`experiments.train.train_and_evaluate`), noiseless and with Gaussian
+(:func:`experiments.runner.loop.train_and_evaluate`), noiseless and with Gaussian
 noise on losses and gradients, then writes ``figure2.png`` (trajectories
 over the plane) and ``summary.json`` (final losses, weight instability).
 """
 
-if __name__ == "__main__":  # before JAX starts: see experiments/cpu_runtime.py
-  from experiments import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
+if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runtime.py
+  from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.synthetic")
 
 import json
@@ -26,6 +26,8 @@ import gin
 import numpy as np
 
 from experiments import train as train_lib
+from experiments.families import synthetic as synthetic_family
+from experiments.runner import loop
 
 _OUT = flags.DEFINE_string("out", "results/synthetic", "Output directory.")
 _STEPS = flags.DEFINE_integer("num_steps", 1000, "Training steps per run.")
@@ -52,8 +54,6 @@ RUNS = {
 def run_all(out: str, num_steps: int, noise: float, seed: int,
             names: Sequence[str] = tuple(RUNS)) -> dict:
   """Runs the synthetic methods; returns ``{name: list of metrics records}``."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  gin.add_config_file_search_path(root)
   histories = {}
   for name in names:
     cfg, extra, _, _ = RUNS[name]
@@ -68,8 +68,8 @@ def run_all(out: str, num_steps: int, noise: float, seed: int,
         f"SyntheticExperiment.grad_noise = {noise if 'noisy' in name else 0.0}",
     ]
     gin.clear_config()
-    gin.parse_config_files_and_bindings([os.path.join(root, CONFIG_DIR, cfg)], bindings)
-    histories[name] = train_lib.train_and_evaluate(workdir, quiet=True)
+    train_lib.parse_gin([f"{CONFIG_DIR}/{cfg}"], bindings)
+    histories[name] = loop.train_and_evaluate(workdir, quiet=True)
     shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     last = histories[name][-1]
     print(f"{name:18s} avg loss {last['avg_loss']:.4f}  worst loss {last['worst_loss']:.4f}",
@@ -145,9 +145,8 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(out, exist_ok=True)
   histories = run_all(out, _STEPS.value, _NOISE.value, _SEED.value)
   summary = summarize(histories)
-  from experiments.experiment import SyntheticExperiment  # pylint: disable=g-import-not-at-top
   gin.clear_config()
-  exp = SyntheticExperiment()
+  exp = synthetic_family.SyntheticExperiment()
   plot(histories, exp.tasks.points, exp.tasks.radius, os.path.join(out, "figure2.png"))
   summary["_meta"] = {"command": "python -m experiments.synthetic " + " ".join(sys.argv[1:]),
                       "num_steps": _STEPS.value, "noise": _NOISE.value,

@@ -19,7 +19,7 @@ UTF-8 byte pieces instead of <unk>.
 Usage:
   python experiments/train_vocab.py \
     --data_dir=/work/shared/data/multilingual --vocab_size=8000 \
-    --out=assets/spm/xtreme40_8k
+    --out=ldro/data/assets/spm/xtreme40_8k
 
 Writes ``<out>.model`` and ``<out>.vocab`` and prints a per-language table of
 tokens per sentence, characters per token and the <unk> rate on the test files.
@@ -36,9 +36,7 @@ from absl import flags
 import numpy as np
 import sentencepiece as spm
 
-XTREME_LANGUAGES = (
-    "af ar bg bn de el en es et eu fa fi fr he hi hu id it ja jv ka kk ko ml mr "
-    "ms my nl pt ru sw ta te th tl tr ur vi yo zh").split()
+from ldro.data.languages import XTREME_LANGUAGES
 
 _FLAGS: dict = {}
 
@@ -50,10 +48,10 @@ def define_flags() -> None:
       "Folder holding <lang>.train.txt / <lang>.test.txt (and tatoeba/).")
   _FLAGS['vocab_size'] = flags.DEFINE_integer("vocab_size", 8000, "Vocabulary size.")
   _FLAGS['out'] = flags.DEFINE_string(
-      "out", "assets/spm/xtreme40_8k",
+      "out", "ldro/data/assets/spm/xtreme40_8k",
       "Output prefix: writes <out>.model and <out>.vocab.")
   _FLAGS['languages'] = flags.DEFINE_list(
-      "languages", XTREME_LANGUAGES, "Comma-separated language codes.")
+      "languages", list(XTREME_LANGUAGES), "Comma-separated language codes.")
   _FLAGS['sentences_per_language'] = flags.DEFINE_integer(
       "sentences_per_language", 2500,
       "At most this many training lines are sampled per language.")

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from experiments import cpu_runtime
+from experiments.runner import cpu_runtime
+from experiments.runner import paths
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.repo_root()
 
 
 @pytest.fixture
@@ -65,14 +66,14 @@ def test_program_applies_them_before_jax_keeping_its_pid():
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "GLIBC_TUNABLES", "LDRO_CPU_TUNING", "JAX_PLATFORMS")}
   env["JAX_PLATFORMS"] = "cpu"  # the same on a host with an accelerator plugin
-  out = subprocess.run([sys.executable, "-m", "experiments.cpu_runtime"], cwd=REPO, env=env,
+  out = subprocess.run([sys.executable, "-m", "experiments.runner.cpu_runtime"], cwd=REPO, env=env,
                        capture_output=True, text=True, check=True, timeout=120)
   got = json.loads(out.stdout)
   assert got["XLA_FLAGS"] == cpu_runtime.YNN_FLAG
   assert got["pid"] == got["pid_before"]
   if sys.platform.startswith("linux"):
     assert got["GLIBC_TUNABLES"] == ":".join(f"{k}={v}" for k, v in cpu_runtime.MALLOC_TUNABLES)
-  out = subprocess.run([sys.executable, "-m", "experiments.cpu_runtime"], cwd=REPO,
+  out = subprocess.run([sys.executable, "-m", "experiments.runner.cpu_runtime"], cwd=REPO,
                        env=dict(env, LDRO_CPU_TUNING="0"), capture_output=True, text=True,
                        check=True, timeout=120)
   assert json.loads(out.stdout)["XLA_FLAGS"] == ""

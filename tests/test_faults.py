@@ -14,7 +14,8 @@ import time
 import pytest
 
 from experiments import faults
-from experiments import train as train_lib
+from experiments.runner import metrics_io
+from experiments.runner import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +64,13 @@ def test_metrics_have_no_wall_clock_fields(runner, cfg):
 
 
 def test_truncate_after_drops_later_and_torn_records(tmp_path):
-  w = train_lib.MetricsWriter(str(tmp_path), enabled=True)
+  w = metrics_io.MetricsWriter(str(tmp_path), enabled=True)
   for s in (0, 5, 10):
     w.write({"step": s, "x": 1.0})
   w.close()
   with open(w.path, "a", encoding="utf-8") as f:
     f.write('{"step": 15, "x"')  # torn by a crash
-  w2 = train_lib.MetricsWriter(str(tmp_path), enabled=True)
+  w2 = metrics_io.MetricsWriter(str(tmp_path), enabled=True)
   w2.truncate_after(5)
   w2.close()
   with open(w.path, encoding="utf-8") as f:
@@ -87,16 +88,16 @@ def test_workdir_lock_refuses_a_second_run(tmp_path):
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(BlockingIOError, match="in use by a running training process"):
-      train_lib._lock_workdir(str(tmp_path))  # pylint: disable=protected-access
+      workdir_lib.lock(str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
   deadline = time.time() + 10
   while True:  # the lock dies with its process (also on SIGKILL)
     try:
-      path = train_lib._lock_workdir(str(tmp_path))  # pylint: disable=protected-access
+      path = workdir_lib.lock(str(tmp_path))
       break
     except BlockingIOError:
       assert time.time() < deadline
       time.sleep(0.05)
-  train_lib._unlock_workdir(path)  # pylint: disable=protected-access
+  workdir_lib.unlock(path)

@@ -9,25 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import image_experiment
+from experiments.families import image as image_experiment
+from experiments.runner import loop
+from experiments.runner import paths
 from experiments import sweep
 from experiments import train as train_lib  # registers train_and_evaluate with gin
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.repo_root()
 PIL_Image = pytest.importorskip("PIL.Image")
-
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  gin.add_config_file_search_path(REPO)
-  yield
-  gin.clear_config()
-
-
-def _parse(files, bindings=()):
-  gin.clear_config()
-  gin.parse_config_files_and_bindings([os.path.join(REPO, f) for f in files], list(bindings))
 
 
 def _q(name):
@@ -37,7 +26,7 @@ def _q(name):
 # ------------------------------------------------------------------ configs
 
 
-def test_every_cifar_gin_file_parses():
+def test_every_cifar_gin_file_parses(gin_config):
   files = sorted(glob.glob(os.path.join(REPO, "gin_configs", "cifar100", "*.gin")) +
                  glob.glob(os.path.join(REPO, "gin_configs", "cifar10_mtl", "*.gin")))
   assert len(files) >= 20
@@ -46,18 +35,17 @@ def test_every_cifar_gin_file_parses():
     d = os.path.dirname(rel)
     name = os.path.basename(rel)
     if name == "base.gin":
-      _parse([rel], ["METHOD = 'equal'"])
+      gin_config([rel], ["METHOD = 'equal'"])
     elif name == "large_cnn.gin":  # an add-on: after a method file
-      _parse([f"{d}/static.gin", rel])
+      gin_config([f"{d}/static.gin", rel])
       assert _q("%MODEL") == "large"
     else:
-      _parse([rel])
+      gin_config([rel])
       assert _q("%METHOD") in {"equal", "dro", "ldro", "pcgrad", "avg_max", "rlw", "rgw"}
-  gin.clear_config()
 
 
-def test_cifar100_configs_hold_the_paper_settings():
-  _parse(["gin_configs/cifar100/static.gin"])
+def test_cifar100_configs_hold_the_paper_settings(gin_config):
+  gin_config(["gin_configs/cifar100/static.gin"])
   assert _q("ImageClassificationExperiment.dataset") == "cifar100"
   assert _q("%MODEL") == "small"
   assert _q("ImageClassificationExperiment.batch_size") == 128
@@ -65,19 +53,19 @@ def test_cifar100_configs_hold_the_paper_settings():
   assert _q("optax.sgd.momentum") == 0.9
   assert _q("optax.sgd.nesterov") is True
   assert _q("%METHOD") == "equal" and _q("%MODE") == "lean"
-  _parse(["gin_configs/cifar100/ldro.gin"])
+  gin_config(["gin_configs/cifar100/ldro.gin"])
   assert _q("%UPDATE_EVERY") == 100 and _q("%NORMALIZE") is True
-  _parse(["gin_configs/cifar100/ldro_no_renorm.gin"])
+  gin_config(["gin_configs/cifar100/ldro_no_renorm.gin"])
   assert _q("%NORMALIZE") is False and _q("%UPDATE_EVERY") == 100
   for k in (10, 100, 1000):
-    _parse([f"gin_configs/cifar100/ldro_interval_{k}.gin"])
+    gin_config([f"gin_configs/cifar100/ldro_interval_{k}.gin"])
     assert _q("%UPDATE_EVERY") == k
-  _parse(["gin_configs/cifar100/avg_max.gin"])
+  gin_config(["gin_configs/cifar100/avg_max.gin"])
   assert _q("%ALPHA") == 0.5
   for m in ("pcgrad", "rgw"):
-    _parse([f"gin_configs/cifar100/{m}.gin"])
+    gin_config([f"gin_configs/cifar100/{m}.gin"])
     assert _q("%MODE") == "jacobian"
-  _parse(["gin_configs/cifar10_mtl/static.gin"])
+  gin_config(["gin_configs/cifar10_mtl/static.gin"])
   assert _q("ImageClassificationExperiment.dataset") == "cifar10_pairs"
   assert _q("%DATA_DIR") == "../shared/data/cifar10_images"
   assert _q("optax.sgd.learning_rate") == 0.025 and _q("optax.sgd.nesterov") is True
@@ -89,23 +77,22 @@ def test_cifar100_configs_hold_the_paper_settings():
   assert len(runs) == 19
   assert sorted({r.label for r in runs}) == ["avg_max", "dro", "ldro", "pcgrad", "rgw", "rlw",
                                              "static"]
-  gin.clear_config()
 
 
 # ------------------------------------------------------------------ cifar100 end to end
 
 
-def test_cifar100_ldro_end_to_end_with_mock_data(tmp_path):
+def test_cifar100_ldro_end_to_end_with_mock_data(tmp_path, gin_config):
   tfds = pytest.importorskip("tensorflow_datasets")
   workdir = tmp_path / "run"
   with tfds.testing.mock_data(num_examples=400):
-    _parse(["gin_configs/cifar100/ldro.gin"], [
+    gin_config(["gin_configs/cifar100/ldro.gin"], [
         f"DATA_DIR = '{tmp_path}'", "NUM_STEPS = 3", "EVAL_EVERY = 2",
         "train_and_evaluate.log_every = 3", "train_and_evaluate.checkpoint_every = 3",
         "ImageClassificationExperiment.batch_size = 20",
         "ImageClassificationExperiment.eval_batch_size = 400",
         "WEIGHT_LR = 1.0", "UPDATE_EVERY = 2", "MODEL = 'tiny'"])
-    records = train_lib.train_and_evaluate(str(workdir), quiet=True)
+    records = loop.train_and_evaluate(str(workdir), quiet=True)
   lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in lines] == [0, 2, 3] == [r["step"] for r in records]
   for r in lines:

@@ -10,11 +10,13 @@ import pytest
 
 seqio = pytest.importorskip("seqio")
 
-from experiments import lm_experiment  # pylint: disable=g-import-not-at-top
+from experiments.families import lm as lm_experiment  # pylint: disable=g-import-not-at-top
+from experiments.runner import loop  # pylint: disable=g-import-not-at-top
+from experiments.runner import paths  # pylint: disable=g-import-not-at-top
 from experiments import lm_table  # pylint: disable=g-import-not-at-top
 from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.repo_root()
 L = 16
 WORDS = {
     "en": "the cat sat on a mat and we read books about rivers".split(),
@@ -47,16 +49,12 @@ def corpus(tmp_path_factory):
 
 def _train(corpus, workdir, method_file, bindings):
   gin.clear_config()
-  gin.add_config_file_search_path(REPO)
-  gin.parse_config_files_and_bindings(
-      [os.path.join(REPO, "gin_configs", "multilingual", method_file)],
+  train_lib.parse_gin(
+      [f"gin_configs/multilingual/{method_file}"],
       [f"LANGUAGES = {list(WORDS)!r}", f"DATA_DIR = {corpus!r}", "CACHE_DIR = None",
        f"SEQUENCE_LENGTH = {L}", "EVAL_ROWS = 3", "NUM_STEPS = 3", "EVAL_EVERY = 3",
        "WARMUP_STEPS = 1", "LanguageModelingExperiment.eval_batch_size = 8"] + bindings)
-  try:
-    return train_lib.train_and_evaluate(str(workdir), quiet=True)
-  finally:
-    gin.clear_config()
+  return loop.train_and_evaluate(str(workdir), quiet=True)
 
 
 def test_ldro_lean_pairwise_trains(corpus, tmp_path):
@@ -114,34 +112,26 @@ def test_baselines_from_json(tmp_path):
     lm_experiment.baselines_from_json(str(tmp_path / "missing.json"), ["en"])
 
 
-def test_every_multilingual_gin_file_parses():
+def test_every_multilingual_gin_file_parses(gin_config):
   files = sorted(glob.glob(os.path.join(REPO, "gin_configs", "multilingual", "*.gin")))
   sizes = {"base.gin", "cpu.gin", "cpu_mono.gin", "small.gin", "paper.gin"}
   methods = [f for f in files if os.path.basename(f) not in sizes]
   assert len(methods) >= 9
-  gin.add_config_file_search_path(REPO)
-  try:
-    for f in methods:
-      for extra in ([], ["cpu.gin"], ["small.gin"], ["paper.gin"]):
-        gin.clear_config()
-        gin.parse_config_files_and_bindings(
-            [f] + [os.path.join(REPO, "gin_configs", "multilingual", e) for e in extra], [])
-        mode = gin.query_parameter("%MODE")
-        name = os.path.basename(f)
-        assert (mode == "plain") == name.startswith("static_"), name
-        if mode != "plain":
-          assert gin.query_parameter("%METHOD") in ("dro", "baselined_dro", "ldro", "equal")
-        if name.startswith("ldro"):
-          assert gin.query_parameter("%UPDATE_EVERY") == {"": 1000, "cpu.gin": 100}.get(
-              "".join(extra), 1000)
-    # Monolingual CPU models: as many rows per step as a multilingual CPU step.
-    gin.clear_config()
-    gin.parse_config_files_and_bindings(
-        [os.path.join(REPO, "gin_configs", "multilingual", f)
-         for f in ("monolingual.gin", "cpu.gin", "cpu_mono.gin")], [])
-    assert gin.query_parameter("%ROWS_PER_LANGUAGE") == len(gin.query_parameter("%LANGUAGES"))
-  finally:
-    gin.clear_config()
+  for f in methods:
+    for extra in ([], ["cpu.gin"], ["small.gin"], ["paper.gin"]):
+      gin_config([f] + [f"gin_configs/multilingual/{e}" for e in extra])
+      mode = gin.query_parameter("%MODE")
+      name = os.path.basename(f)
+      assert (mode == "plain") == name.startswith("static_"), name
+      if mode != "plain":
+        assert gin.query_parameter("%METHOD") in ("dro", "baselined_dro", "ldro", "equal")
+      if name.startswith("ldro"):
+        assert gin.query_parameter("%UPDATE_EVERY") == {"": 1000, "cpu.gin": 100}.get(
+            "".join(extra), 1000)
+  # Monolingual CPU models: as many rows per step as a multilingual CPU step.
+  gin_config([f"gin_configs/multilingual/{f}"
+              for f in ("monolingual.gin", "cpu.gin", "cpu_mono.gin")])
+  assert gin.query_parameter("%ROWS_PER_LANGUAGE") == len(gin.query_parameter("%LANGUAGES"))
 
 
 def _fake_run(root, name, task_losses_by_step, test_offset=0.1):

@@ -79,16 +79,12 @@ def _wait(procs):
 
 def _single_process_reference(workdir, num_steps):
   from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  gin.add_config_file_search_path(ROOT)
-  try:
-    gin.parse_config_files_and_bindings(
-        [os.path.join(ROOT, "gin_configs/toy/ldro.gin")],
-        [b.split("=", 1)[1] for b in COMMON[1:]] +
-        [f"train_and_evaluate.num_steps = {num_steps}", "train_and_evaluate.mesh_shape = (1, 1)"])
-    return train_lib.train_and_evaluate(str(workdir), quiet=True)
-  finally:
-    gin.clear_config()
+  from experiments.runner import loop  # pylint: disable=g-import-not-at-top
+  train_lib.parse_gin(
+      ["gin_configs/toy/ldro.gin"],
+      [b.split("=", 1)[1] for b in COMMON[1:]] +
+      [f"train_and_evaluate.num_steps = {num_steps}", "train_and_evaluate.mesh_shape = (1, 1)"])
+  return loop.train_and_evaluate(str(workdir), quiet=True)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -135,7 +131,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_distributed_flag_errors():
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.runner import sharding  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="needs --num_processes"):
     sharding.initialize_distributed("127.0.0.1:1", None, 0)
   with pytest.raises(ValueError, match="need --coordinator_address"):

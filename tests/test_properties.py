@@ -144,7 +144,7 @@ def test_ldro_weights_updates(p, exact, update_every):
     scaled = losses * (1.0 + step)  # changing losses, same degeneracy
     out, state = update(task_grads, state, jnp.asarray(scaled, jnp.float32))
     assert_simplex(state.task_weights)
-    assert np.all(np.isfinite(np.asarray(state.interaction)))
+    assert np.all(np.isfinite(np.asarray(ldro.lookahead_dro.interaction(state))))
     assert np.all(np.isfinite(np.asarray(out["a"])))
 
 

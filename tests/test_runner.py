@@ -9,21 +9,19 @@ import gin
 import pytest
 
 from experiments import train as train_lib
+from experiments.runner import loop
+from experiments.runner import paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = paths.repo_root()
 
 
 def run(workdir, *bindings, config="ldro.gin"):
   gin.clear_config()
-  gin.add_config_file_search_path(ROOT)
-  gin.parse_config_files_and_bindings(
-      [os.path.join(ROOT, "gin_configs", "synthetic", config)],
+  train_lib.parse_gin(
+      [f"gin_configs/synthetic/{config}"],
       ["train_and_evaluate.eval_every = 5", "train_and_evaluate.log_every = 5",
        "train_and_evaluate.checkpoint_every = 5", *bindings])
-  try:
-    return train_lib.train_and_evaluate(str(workdir), quiet=True)
-  finally:
-    gin.clear_config()
+  return loop.train_and_evaluate(str(workdir), quiet=True)
 
 
 def read_jsonl(path):

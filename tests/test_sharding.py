@@ -54,20 +54,16 @@ def _run(case, mesh_shape, min_shard_size):
   """STEPS jitted steps as the runner does them (same config, seeds); the trajectory."""
   import optax  # pylint: disable=g-import-not-at-top
   from ldro import train as ldro_train  # pylint: disable=g-import-not-at-top
-  from experiments import configurables, sharding, toy  # pylint: disable=g-import-not-at-top
-  from experiments import train as _train  # pylint: disable=g-import-not-at-top,unused-import
+  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+  from experiments.families import toy  # pylint: disable=g-import-not-at-top
+  from experiments.runner import configurables, sharding  # pylint: disable=g-import-not-at-top
 
   config, mode, _, _, bindings = CASES[case]
+  gin.clear_config()  # also run as a script (the subprocess cases), outside the fixtures
+  train_lib.parse_gin([f"gin_configs/toy/{config}"], bindings)
+  exp = toy.ToyMLPExperiment()
+  tx = optax.chain(configurables.method(num_tasks=exp.num_tasks), *configurables.optimizer())
   gin.clear_config()
-  gin.add_config_file_search_path(ROOT)
-  gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin_configs", "toy", config)],
-                                      bindings)
-  try:
-    exp = toy.ToyMLPExperiment()
-    tx = optax.chain(configurables.method(num_tasks=exp.num_tasks), *configurables.optimizer())
-  finally:
-    gin.clear_config()
-  method = type(tx.init({})[0]).__name__
   mesh = sharding.make_mesh(mesh_shape)
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))  # as the runner (seed 0)
   state = ldro_train.init_train_state(exp.init_params(init_rng), tx, train_rng)
@@ -89,9 +85,7 @@ def _run(case, mesh_shape, min_shard_size):
   return {
       "weights": np.stack(weights), "losses": np.stack(losses),
       "params": np.concatenate([np.ravel(l) for l in leaves]),
-      "weighting_state": np.asarray(state.opt_state[0].interaction
-                                    if method == "LookaheadDROState"
-                                    else state.opt_state[0].task_weights),
+      "weighting_state": np.asarray(state.opt_state[0].gram),
       "weights_spec": np.asarray(str(state.opt_state[0].task_weights.sharding.spec)),
       "num_fsdp_sharded": np.asarray(len(sharded)),
       "kernel_spec": np.asarray(str(state.params["dense_0"]["kernel"].sharding.spec)),
@@ -195,7 +189,7 @@ def test_cli_with_mesh_gin_matches_one_device(runs):
 
 
 def test_param_spec():
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.runner import sharding  # pylint: disable=g-import-not-at-top
   assert sharding.param_spec((64, 128), 4) == P(None, "fsdp")
   assert sharding.param_spec((128, 64), 4) == P("fsdp", None)
   assert sharding.param_spec((130, 64), 4) == P(None, "fsdp")  # largest divisible axis
@@ -207,7 +201,7 @@ def test_param_spec():
 
 
 def test_batch_spec_fallbacks():
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.runner import sharding  # pylint: disable=g-import-not-at-top
   mesh = AbstractMesh((4, 2), ("data", "fsdp"))
   both = ("data", "fsdp")
   assert sharding.batch_spec((4, 16, 3), mesh) == P(None, both, None)  # per-task axis b
@@ -229,7 +223,8 @@ def test_state_shardings_replicate_the_weighting_state():
   import optax  # pylint: disable=g-import-not-at-top
   import ldro  # pylint: disable=g-import-not-at-top
   from ldro import train as ldro_train  # pylint: disable=g-import-not-at-top
-  from experiments import sharding, toy  # pylint: disable=g-import-not-at-top
+  from experiments.families import toy  # pylint: disable=g-import-not-at-top
+  from experiments.runner import sharding  # pylint: disable=g-import-not-at-top
   exp = toy.ToyMLPExperiment()  # 4 tasks: the head bias [4] is shaped like the task weights
   tx = optax.chain(ldro.get_method("ldro", num_tasks=4, lookahead_lr=0.1), optax.adam(1e-3))
   state = jax.eval_shape(lambda: ldro_train.init_train_state(
@@ -245,7 +240,7 @@ def test_state_shardings_replicate_the_weighting_state():
 
 
 def test_local_indices():
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.runner import sharding  # pylint: disable=g-import-not-at-top
   s = slice
   # Two devices of a process hold b-slices 0:4 and 4:8 of a [4, 16] leaf.
   idx = sharding._local_indices([(s(None), s(0, 4)), (s(None), s(4, 8))], (4, 16))  # pylint: disable=protected-access
@@ -258,7 +253,7 @@ def test_local_indices():
 
 
 def test_mesh_shape_errors():
-  from experiments import sharding  # pylint: disable=g-import-not-at-top
+  from experiments.runner import sharding  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   with pytest.raises(ValueError, match="needs"):
     sharding.make_mesh((n + 1, 1))

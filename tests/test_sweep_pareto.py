@@ -5,20 +5,20 @@ import os
 import subprocess
 import sys
 
-import gin
 import numpy as np
 import pytest
 
 from experiments import pareto
 from experiments import sweep
-from experiments import train as train_lib
+from experiments.runner import loop
+from experiments.runner import paths
 from ldro import metrics as ldro_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = paths.repo_root()
 STEPS = ["train_and_evaluate.num_steps = 4", "train_and_evaluate.eval_every = 2",
          "train_and_evaluate.checkpoint_every = 2"]
-RUNS = [sweep.Run("avg", "gin_configs/synthetic/avg.gin"),
-        sweep.Run("ldro-fast", "gin_configs/synthetic/ldro.gin", ("WEIGHT_LR = 0.5",))]
+RUNS = [sweep.Run("avg", ("gin_configs/synthetic/avg.gin",)),
+        sweep.Run("ldro-fast", ("gin_configs/synthetic/ldro.gin",), ("WEIGHT_LR = 0.5",))]
 
 
 def _steps(workdir):
@@ -29,7 +29,7 @@ def _steps(workdir):
 # ------------------------------------------------------------------ sweep
 
 
-def test_sweep_runs_skips_and_resumes(tmp_path):
+def test_sweep_runs_skips_and_resumes(tmp_path, gin_config):
   root = str(tmp_path / "root")
   lines = []
   res = sweep.run_sweep(RUNS, root, seeds=(0,), in_process=True, extra_bindings=STEPS,
@@ -55,13 +55,10 @@ def test_sweep_runs_skips_and_resumes(tmp_path):
 
   # An interrupted run (checkpoint at step 2, no DONE) resumes instead of restarting.
   wd = os.path.join(root, "avg", "seed1")
-  gin.clear_config()
-  gin.parse_config_files_and_bindings(
-      [os.path.join(REPO, "gin_configs/synthetic/avg.gin")],
-      ["train_and_evaluate.num_steps = 2", "train_and_evaluate.eval_every = 2",
-       "train_and_evaluate.seed = 1"])
-  train_lib.train_and_evaluate(wd, quiet=True)
-  gin.clear_config()
+  gin_config(["gin_configs/synthetic/avg.gin"],
+             ["train_and_evaluate.num_steps = 2", "train_and_evaluate.eval_every = 2",
+              "train_and_evaluate.seed = 1"])
+  loop.train_and_evaluate(wd, quiet=True)
   lines.clear()
   res = sweep.run_sweep(RUNS, root, seeds=(1,), only="^avg$", in_process=True,
                         extra_bindings=STEPS, say=lines.append)

@@ -10,6 +10,9 @@ seqio = pytest.importorskip("seqio")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from ldro.data import text  # pylint: disable=g-import-not-at-top
+from experiments.runner import paths  # pylint: disable=g-import-not-at-top
+
+SHARED_CORPUS = paths.resolve("../shared/data/multilingual")
 
 L = 32
 WORDS = {
@@ -79,7 +82,7 @@ def test_vocabulary_asset(vocab):
 def test_xtreme_languages():
   assert len(text.XTREME_LANGUAGES) == 40 == len(set(text.XTREME_LANGUAGES))
   assert len(text.PAPER_MC4_LANGUAGES) == 39 and "tl" not in text.PAPER_MC4_LANGUAGES
-  d = text.default_data_dir()
+  d = SHARED_CORPUS
   if os.path.isdir(d):
     found = {f.split(".")[0] for f in os.listdir(d) if f.endswith(".train.txt")}
     assert found == set(text.XTREME_LANGUAGES)
@@ -259,12 +262,13 @@ def test_mc4_with_tfds_mock_data(vocab):
 
 
 def test_shared_corpus_smoke(vocab):
-  d = text.default_data_dir()
+  d = SHARED_CORPUS
   if not os.path.isdir(d):
     pytest.skip("shared multilingual corpus not available")
   with open(os.path.join(d, "manifest.json"), encoding="utf-8") as f:
     manifest = json.load(f)["languages"]
-  info = text.register_language_tasks(["jv", "yo"], "textfiles", vocab, prefix="test_ldro")
+  info = text.register_language_tasks(["jv", "yo"], "textfiles", vocab, data_dir=d,
+                                     prefix="test_ldro")
   assert info["sizes"] == {l: manifest[l]["train"]["lines"] for l in ("jv", "yo")}
   ev = text.eval_batches({"jv": info["tasks"]["jv"]}, "test", 64, batch_size=64)
   weights = sum(b["decoder_loss_weights"].sum() for b in ev["jv"])

@@ -32,6 +32,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ldro.data import streams
+
 __all__ = [
     "DEFAULT_CIFAR10_PAIRS",
     "TaskImageData",
@@ -169,7 +171,6 @@ def load_cifar100_tasks(data_dir: str | os.PathLike | None = None,
     order.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  _hide_gpus_from_tf()
 
   # Batches of 10k rather than `batch_size=-1`, which relies on the split
   # sizes recorded in the dataset info (absent under `tfds.testing.mock_data`).
@@ -188,19 +189,6 @@ def load_cifar100_tasks(data_dir: str | os.PathLike | None = None,
       task_names=list(info.features["coarse_label"].names),
       class_names=list(info.features["label"].names),
       **arrays)
-
-
-def _hide_gpus_from_tf() -> None:
-  """Keeps TensorFlow (only decoding data here) off the GPUs JAX trains on.
-
-  Otherwise TF reserves most of every visible GPU's memory when it first runs
-  an op, and JAX runs out of memory on a GPU machine.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, ValueError):  # TF already initialised its devices
-    pass
 
 
 # --------------------------------------------------------------------------
@@ -250,7 +238,6 @@ def _decode_image_folder(image_dir: pathlib.Path, splits: Sequence[str]
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  _hide_gpus_from_tf()
 
   builder = tfds.folder_dataset.ImageFolder(str(image_dir))
   class_names = list(builder.info.features["label"].names)
@@ -391,7 +378,7 @@ class GroupedBatcher:
   `s` takes stream positions `[s * b, (s + 1) * b)`, wrapping across epoch
   boundaries. Hence `batch(step)` depends only on `(seed, step)` (training
   resumes exactly from any step, in any call order) and every example of a
-  task is seen exactly once per epoch of that task.
+  task is seen exactly once per epoch of that task (:mod:`ldro.data.streams`).
 
   Attributes:
     num_tasks: Number of tasks N.
@@ -422,19 +409,8 @@ class GroupedBatcher:
       self._labels.append(data.train_labels[idx])
     self._sizes = [len(l) for l in self._labels]
     self.steps_per_epoch = -(-max(self._sizes) // self.per_task_batch)
-    self._perms: dict[tuple[int, int], np.ndarray] = {}
-
-  def _permutation(self, task: int, epoch: int) -> np.ndarray:
-    """The example order of `task` in `epoch` (memoised, small cache)."""
-    key = (task, epoch)
-    perm = self._perms.get(key)
-    if perm is None:
-      if len(self._perms) >= 4 * self.num_tasks:
-        self._perms.clear()
-      perm = np.random.default_rng((self.seed, task, epoch)).permutation(
-          self._sizes[task])
-      self._perms[key] = perm
-    return perm
+    self._streams = [streams.EpochStream(n, self.seed, task)
+                     for task, n in enumerate(self._sizes)]
 
   def task_indices(self, task: int, step: int) -> np.ndarray:
     """Indices (into the task's training examples) of `task` at `step`.
@@ -448,13 +424,8 @@ class GroupedBatcher:
     """
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
-    n, b = self._sizes[task], self.per_task_batch
-    start, stop = step * b, (step + 1) * b
-    parts = []
-    for epoch in range(start // n, (stop - 1) // n + 1):
-      lo, hi = max(start, epoch * n), min(stop, (epoch + 1) * n)
-      parts.append(self._permutation(task, epoch)[lo - epoch * n:hi - epoch * n])
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    b = self.per_task_batch
+    return self._streams[task].window(step * b, (step + 1) * b)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The training batch of `step`.

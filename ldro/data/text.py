@@ -55,12 +55,16 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from ldro.data import streams
+from ldro.data.languages import MC4_SPLIT_NAMES, PAPER_MC4_LANGUAGES, XTREME_LANGUAGES  # pylint: disable=unused-import
 
 try:  # Data-only dependencies (``pip install ldro[data]``).
   import seqio
@@ -72,47 +76,18 @@ except ImportError as _e:  # pragma: no cover
 Array = np.ndarray
 RowDict = Dict[str, Array]
 
-#: The 40 XTREME languages (Hu et al., 2020), as named in the data folder.
-XTREME_LANGUAGES: Tuple[str, ...] = tuple(
-    "af ar bg bn de el en es et eu fa fi fr he hi hu id it ja jv ka kk ko ml mr "
-    "ms my nl pt ru sw ta te th tl tr ur vi yo zh".split())
-
 #: TFDS name of mC4 (the version shipped by tensorflow-datasets 4.9.10).
 MC4_TFDS_NAME = "c4/multilingual:3.1.0"
-
-#: XTREME code -> mC4 split name where they differ. mC4 uses the old ISO code
-#: ``iw`` for Hebrew; it has Filipino (``fil``) but no ``tl`` (the paper omits
-#: Tagalog, footnote 1 of section 5.2.1).
-MC4_SPLIT_NAMES: Mapping[str, str] = {"he": "iw", "tl": "fil"}
-
-#: The 39 languages of the paper's mC4 experiment (XTREME minus Tagalog).
-PAPER_MC4_LANGUAGES: Tuple[str, ...] = tuple(
-    l for l in XTREME_LANGUAGES if l != "tl")
 
 #: Model features produced by the batchers (all ``[..., L]``).
 FEATURES: Tuple[str, ...] = (
     "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
     "decoder_segment_ids", "decoder_positions")
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-
 #: Committed vocabulary (``experiments/train_vocab.py``): 8000 unigram pieces,
-#: byte fallback, pad=0 eos=1 unk=2.
-DEFAULT_VOCAB_PATH = os.path.join(_REPO_ROOT, "assets", "spm", "xtreme40_8k.model")
-
-
-def default_data_dir() -> str:
-  """Returns the offline multilingual corpus folder (section 5.2 stand-in).
-
-  ``$LDRO_MULTILINGUAL_DIR`` if set, else ``<repo>/../shared/data/multilingual``.
-
-  Returns:
-    A folder path (not checked for existence).
-  """
-  return os.environ.get(
-      "LDRO_MULTILINGUAL_DIR",
-      os.path.join(os.path.dirname(_REPO_ROOT), "shared", "data", "multilingual"))
+#: byte fallback, pad=0 eos=1 unk=2; installed with the package.
+DEFAULT_VOCAB_PATH = str(importlib.resources.files("ldro.data").joinpath(
+    "assets", "spm", "xtreme40_8k.model"))
 
 
 def default_vocabulary(path: Optional[str] = None) -> "seqio.SentencePieceVocabulary":
@@ -125,14 +100,6 @@ def default_vocabulary(path: Optional[str] = None) -> "seqio.SentencePieceVocabu
     A ``seqio.SentencePieceVocabulary`` (no extra ids).
   """
   return seqio.SentencePieceVocabulary(path or DEFAULT_VOCAB_PATH)
-
-
-def _hide_gpus_from_tf() -> None:
-  """Keeps TensorFlow (used only for input pipelines) off accelerators."""
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except (RuntimeError, ValueError):  # Already initialised.
-    pass
 
 
 # ------------------------------------------------------------------ files ----
@@ -336,6 +303,12 @@ def split_targets(dataset: "tf.data.Dataset",
   return dataset.map(_chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+def _require_data_dir(data_dir: Optional[str]) -> str:
+  if data_dir is None:
+    raise ValueError("source 'textfiles' needs data_dir (the folder of <lang>.train.txt files).")
+  return data_dir
+
+
 def _preprocessors(source: str) -> List[Callable[..., Any]]:
   first = lines_to_targets if source == "textfiles" else text_to_targets
   return [
@@ -362,7 +335,7 @@ def language_sizes(languages: Sequence[str], source: str, *,
   Args:
     languages: language codes (XTREME codes).
     source: ``'textfiles'`` or ``'mc4'``.
-    data_dir: text folder (``'textfiles'``; default :func:`default_data_dir`).
+    data_dir: text folder (required for ``'textfiles'``).
     include_tatoeba: add the Tatoeba training file when present.
     unit: ``'examples'`` (non-blank lines / mC4 documents = seqio input
       examples, before chunking) or ``'bytes'`` (UTF-8 bytes of the training
@@ -381,7 +354,7 @@ def language_sizes(languages: Sequence[str], source: str, *,
     raise ValueError(f"unit must be 'examples' or 'bytes', got {unit!r}")
   sizes = {}
   if source == "textfiles":
-    data_dir = data_dir or default_data_dir()
+    data_dir = _require_data_dir(data_dir)
     for lang in languages:
       train, _ = _language_files(lang, data_dir, include_tatoeba)
       if unit == "bytes":
@@ -460,8 +433,7 @@ def register_language_tasks(
     languages: language codes (see :data:`XTREME_LANGUAGES`).
     source: ``'textfiles'`` or ``'mc4'``.
     vocabulary: seqio vocabulary (e.g. :func:`default_vocabulary`).
-    data_dir: folder of the text files (``'textfiles'``; default
-      :func:`default_data_dir`).
+    data_dir: folder of the text files (required for ``'textfiles'``).
     include_tatoeba: also train on ``<data_dir>/tatoeba/<lang>.train.txt`` and
       evaluate on the halves of ``tatoeba/<lang>.test.txt`` where they exist.
     prefix: name prefix.
@@ -490,7 +462,7 @@ def register_language_tasks(
   output_features = {"targets": seqio.Feature(vocabulary, add_eos=True,
                                               dtype=tf.int32)}
   if source == "textfiles":
-    data_dir = data_dir or default_data_dir()
+    data_dir = _require_data_dir(data_dir)
     tag = "textfiles_tatoeba" if include_tatoeba else "textfiles"
     srcs = {}
     for lang in languages:
@@ -607,7 +579,6 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
     if os.path.exists(path):
       with np.load(path) as z:
         return {k: z[k] for k in FEATURES}
-  _hide_gpus_from_tf()
   task = seqio.get_mixture_or_task(task_name)
   lengths = {"targets": sequence_length}
   ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False,
@@ -663,34 +634,6 @@ def materialize(tasks: Mapping[str, str], split: str, sequence_length: int, *,
 # --------------------------------------------------------------- batchers ----
 
 
-class _RowStream:
-  """Infinite epoch-permuted stream of row indices of one language."""
-
-  def __init__(self, num_rows: int, seed: int, lang_index: int):
-    self.num_rows = num_rows
-    self._seed = seed
-    self._lang = lang_index
-    self._perms: "collections.OrderedDict[int, Array]" = collections.OrderedDict()
-
-  def _perm(self, epoch: int) -> Array:
-    if epoch not in self._perms:
-      rng = np.random.default_rng((self._seed, self._lang, epoch))
-      self._perms[epoch] = rng.permutation(self.num_rows)
-      while len(self._perms) > 4:
-        self._perms.popitem(last=False)
-    return self._perms[epoch]
-
-  def rows(self, positions: Array) -> Array:
-    """Row indices at global stream positions (position p: epoch p // R)."""
-    positions = np.asarray(positions, np.int64)
-    epochs, within = np.divmod(positions, self.num_rows)
-    out = np.empty_like(positions)
-    for e in np.unique(epochs):
-      m = epochs == e
-      out[m] = self._perm(int(e))[within[m]]
-    return out
-
-
 def _check_rows(rows: Mapping[str, RowDict]) -> Tuple[Tuple[str, ...], int]:
   if not rows:
     raise ValueError("No languages.")
@@ -736,7 +679,7 @@ class StratifiedBatcher:
     self.rows_per_language = rows_per_language
     self.seed = seed
     self._rows = {l: {k: rows[l][k] for k in FEATURES} for l in self.languages}
-    self._streams = [_RowStream(rows[l]["decoder_target_tokens"].shape[0], seed, i)
+    self._streams = [streams.EpochStream(rows[l]["decoder_target_tokens"].shape[0], seed, i)
                      for i, l in enumerate(self.languages)]
 
   @classmethod
@@ -769,11 +712,11 @@ class StratifiedBatcher:
   @property
   def num_rows(self) -> Dict[str, int]:
     """Packed rows ``R_i`` per language."""
-    return {l: s.num_rows for l, s in zip(self.languages, self._streams)}
+    return {l: s.num_examples for l, s in zip(self.languages, self._streams)}
 
   def epochs(self, step: int) -> Dict[str, float]:
     """Epochs of each language completed after ``step`` batches."""
-    return {l: step * self.rows_per_language / s.num_rows
+    return {l: step * self.rows_per_language / s.num_examples
             for l, s in zip(self.languages, self._streams)}
 
   def batch(self, step: int) -> RowDict:
@@ -789,7 +732,7 @@ class StratifiedBatcher:
     pos = np.arange(step * b, (step + 1) * b)
     out = {k: [] for k in FEATURES}
     for lang, stream in zip(self.languages, self._streams):
-      idx = stream.rows(pos)
+      idx = stream.indices(pos)
       for k in FEATURES:
         out[k].append(self._rows[lang][k][idx])
     return {k: np.stack(v) for k, v in out.items()}
@@ -837,7 +780,7 @@ class MixtureBatcher:
     self.seed = seed
     self.block_steps = block_steps
     self._rows = {l: {k: rows[l][k] for k in FEATURES} for l in self.languages}
-    self._streams = [_RowStream(rows[l]["decoder_target_tokens"].shape[0], seed, i)
+    self._streams = [streams.EpochStream(rows[l]["decoder_target_tokens"].shape[0], seed, i)
                      for i, l in enumerate(self.languages)]
     self._counts_before = [np.zeros(len(self.languages), np.int64)]
     self._block_cache: Tuple[int, Optional[Array]] = (-1, None)
@@ -914,7 +857,7 @@ class MixtureBatcher:
     for lang_id in np.unique(task):
       where = np.nonzero(task == lang_id)[0]
       pos = counts[lang_id] + np.arange(len(where))
-      idx = self._streams[lang_id].rows(pos)
+      idx = self._streams[lang_id].indices(pos)
       src = self._rows[self.languages[lang_id]]
       for key in FEATURES:
         out[key][where] = src[key][idx]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import experiment as experiment_lib
+from experiments.families import base as experiment_lib
 
 
 @gin.configurable

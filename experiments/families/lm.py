@@ -2,7 +2,7 @@
 
 Each language is one task. The model is the decoder-only Transformer of
 :mod:`ldro.models.decoder` over the committed 8k SentencePiece vocabulary
-(``assets/spm/xtreme40_8k.model``; the paper used mT5's 250k vocabulary); the
+(``ldro/data/assets/spm/xtreme40_8k.model``; the paper used mT5's 250k vocabulary); the
 data pipeline is :mod:`ldro.data.text` (one seqio Task per language, one seqio
 Mixture per static-mixing temperature).
 
@@ -27,7 +27,8 @@ Gin use::
     LanguageModelingExperiment.data_dir = '../shared/data/multilingual'
 
 Relative paths (``data_dir``, ``cache_dir``, ``vocab_path``) are relative to
-the repository root, like gin includes. ``ldro.data.text`` (seqio and
+the repository root when run from a checkout, else to the working directory
+(:func:`experiments.runner.paths.resolve`). ``ldro.data.text`` (seqio and
 TensorFlow) is imported only when an experiment is built, so parsing configs
 stays cheap.
 """
@@ -41,31 +42,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import experiment as experiment_lib
+from experiments.families import base as experiment_lib
+from experiments.runner import paths
+from ldro.data.languages import PAPER_MC4_LANGUAGES, XTREME_LANGUAGES
 from ldro.models import decoder as decoder_lib
 
 PyTree = Any
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-#: The 40 XTREME languages (same list as ``ldro.data.text.XTREME_LANGUAGES``,
-#: repeated here so that gin defaults do not import seqio).
-XTREME_LANGUAGES = tuple(
-    "af ar bg bn de el en es et eu fa fi fr he hi hu id it ja jv ka kk ko ml mr "
-    "ms my nl pt ru sw ta te th tl tr ur vi yo zh".split())
+# For the gin files (gin_configs/multilingual/base.gin, paper.gin): one list, in ldro.data.languages.
+gin.constant("XTREME_LANGUAGES", list(XTREME_LANGUAGES))
+gin.constant("PAPER_MC4_LANGUAGES", list(PAPER_MC4_LANGUAGES))
 
 DEFAULT_DATA_DIR = "../shared/data/multilingual"
 SOURCES = ("textfiles", "mc4")
 EVAL_SPLITS = ("validation", "test")
 EVAL_SELECTIONS = ("spread", "head")
-
-
-def resolve_path(path: Optional[str]) -> Optional[str]:
-  """``path`` with ``~`` expanded; relative paths are taken from the repo root."""
-  if path is None:
-    return None
-  path = os.path.expanduser(str(path))
-  return path if os.path.isabs(path) else os.path.normpath(os.path.join(REPO_ROOT, path))
 
 
 @gin.configurable
@@ -96,7 +87,7 @@ def baselines_from_json(path: str = gin.REQUIRED,
     FileNotFoundError: no such file (run ``experiments.monolingual`` first).
     ValueError: a language or the key is missing, or a value is not finite.
   """
-  full = resolve_path(path)
+  full = paths.resolve(path)
   if not os.path.isfile(full):
     raise FileNotFoundError(
         f"baselines file not found: {full} (baselines_from_json.path); write it with "
@@ -226,12 +217,14 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     self.batch_size = int(batch_size) if batch_size else len(languages) * self.rows_per_language
     self.eval_splits = eval_splits
     self.eval_batch_size = int(eval_batch_size)
-    cache_dir = resolve_path(cache_dir)
+    cache_dir = paths.resolve(cache_dir)
 
-    vocab = text.default_vocabulary(resolve_path(vocab_path))
+    vocab = text.default_vocabulary(paths.resolve(vocab_path))
     kwargs = {}
     if source == "textfiles":
-      kwargs = dict(data_dir=resolve_path(data_dir) or text.default_data_dir(),
+      kwargs = dict(data_dir=paths.require_dir(
+                        paths.resolve(data_dir), "Multilingual data directory",
+                        "LanguageModelingExperiment.data_dir / DATA_DIR"),
                     include_tatoeba=bool(include_tatoeba))
     else:
       kwargs = dict(tfds_data_dir=tfds_data_dir)

@@ -16,7 +16,6 @@ Gin use::
 """
 
 import functools
-import os
 from typing import Any, Optional, Sequence
 
 import gin
@@ -25,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments import experiment as experiment_lib
+from experiments.families import base as experiment_lib
+from experiments.runner import paths
 from ldro.data import images as images_lib
 from ldro.models import cnn
 
@@ -66,11 +66,9 @@ def load_task_data(dataset: str, data_dir: Optional[str],
     raise ValueError(f"unknown dataset {dataset!r} (ImageClassificationExperiment.dataset); "
                      f"known: {', '.join(DATASETS)}.")
   if data_dir is not None:
-    data_dir = os.path.expanduser(str(data_dir))
-    if not os.path.isdir(data_dir):
-      raise FileNotFoundError(
-          f"data directory not found: {os.path.abspath(data_dir)!r} "
-          f"(ImageClassificationExperiment.data_dir for dataset {dataset!r}).")
+    data_dir = paths.require_dir(
+        paths.resolve(data_dir), "data directory",
+        f"ImageClassificationExperiment.data_dir (DATA_DIR) for dataset {dataset!r}")
   if dataset == "cifar100":
     if pairs is not None:
       raise ValueError("ImageClassificationExperiment.pairs only applies to 'cifar10_pairs'; "

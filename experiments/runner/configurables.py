@@ -1,5 +1,8 @@
 """Gin wiring: optax transformations, the task-weighting method, the optimizer.
 
+Method hyper-parameters come from ``gin_configs/methods/<name>.gin`` (one file
+per registered method, usable with every experiment's ``base.gin``).
+
 T5X style: the optimizer is an ``optax.chain`` composed in gin, e.g.::
 
     METHOD = 'ldro'
@@ -54,7 +57,7 @@ def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
   if name not in known:
     raise ValueError(f"unknown method {name!r} in the config (method.name); known methods: "
                      f"{', '.join(known)}.")
-  factory = ldro.registry._lookup(name)[0]  # pylint: disable=protected-access
+  factory = ldro.method_info(name).factory
   params = inspect.signature(factory).parameters
   var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
   supplied = {"num_tasks": num_tasks, "task_sizes": task_sizes, "baseline_losses": baseline_losses}
@@ -70,6 +73,26 @@ def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
       raise ValueError(f"{where} has {len(v)} entries, but the experiment has {num_tasks} "
                        f"tasks (one entry per task).")
   return ldro.get_method(name, **hparams)
+
+
+def _known(name: str) -> str:
+  known = ldro.method_names()
+  if name not in known:
+    raise ValueError(f"unknown method {name!r} in the config (method.name); known methods: "
+                     f"{', '.join(known)}.")
+  return name
+
+
+def method_name() -> str:
+  """The registry name bound to ``method.name`` (macros evaluated), checked to be known."""
+  try:
+    value = gin.query_parameter("method.name")
+  except ValueError:
+    raise ValueError("no method in the config: set method.name (METHOD), e.g. "
+                     "--gin_file=gin_configs/methods/ldro.gin") from None
+  while isinstance(value, gin.config.ConfigurableReference):  # a macro such as %METHOD
+    value = value.scoped_configurable_fn()
+  return _known(value)
 
 
 @gin.configurable

@@ -1,0 +1,73 @@
+"""What the runner needs from an experiment family: the :class:`Experiment` contract.
+
+An experiment bundles tasks, data, model and evaluation. The runner
+(:func:`experiments.runner.loop.train_and_evaluate`) only uses this interface,
+so one loop serves every family in :mod:`experiments.families` (synthetic,
+image classification, language modelling, toy). A new family is one module
+here with a gin-configurable subclass; its gin base file imports that module.
+"""
+
+import abc
+from typing import Any, Callable, Optional
+
+import jax
+
+PyTree = Any
+
+
+class Experiment(abc.ABC):
+  """Interface of an experiment.
+
+  Attributes:
+    task_names: one name per task.
+    main_metric: name of the per-task metric summarised by ``avg_``/``worst_``.
+    higher_is_better: whether larger ``main_metric`` is better.
+  """
+  task_names: list[str]
+  main_metric: str = "loss"
+  higher_is_better: bool = False
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.task_names)
+
+  @property
+  def task_sizes(self) -> Optional[list[float]]:
+    """``|D_i|`` per task for static mixing (None if not meaningful)."""
+    return None
+
+  @abc.abstractmethod
+  def init_params(self, rng: jax.Array) -> PyTree:
+    """Initial model parameters."""
+
+  @abc.abstractmethod
+  def task_loss(self, params: PyTree, task_batch: PyTree, rng: jax.Array):
+    """``(loss, aux)`` of one task on its slice of a task-grouped batch."""
+
+  #: Optional ``grouped_losses(params, batch, rng) -> (losses [N], aux)``: all
+  #: task losses of a task-grouped batch in one call (e.g. one model application
+  #: on the flattened batch), with the same values and ``aux`` structure as
+  #: ``vmap`` of :meth:`task_loss` over tasks. Lean mode then uses it for the
+  #: step's forward/backward pass (``ldro.train.make_train_step(losses_fn=)``),
+  #: which is then as cheap as an ordinary step. ``None``: ``vmap`` of
+  #: :meth:`task_loss`.
+  grouped_losses: Optional[Callable[..., Any]] = None
+
+  #: Whether lean-mode L-DRO with the ``grouped`` strategy takes a refresh
+  #: step's update from its ``N`` gradients
+  #: (``ldro.train.make_train_step(reuse_refresh_grads=)``); ``None``: that
+  #: function's default (on GPU/TPU, not on CPU). An experiment whose model's
+  #: backward pass stays fast inside ``lax.cond`` on CPU says ``True``.
+  reuse_refresh_grads: Optional[bool] = None
+
+  @abc.abstractmethod
+  def train_batch(self, step: int) -> PyTree:
+    """Task-grouped training batch for ``step`` (pure function of the step)."""
+
+  def plain_loss(self, params: PyTree, batch: PyTree, rng: jax.Array):
+    """``(loss, {'task_losses': [N]})`` on an ordinary batch (``mode='plain'``)."""
+    raise NotImplementedError(f"{type(self).__name__} does not support mode='plain'.")
+
+  @abc.abstractmethod
+  def evaluate(self, params: PyTree) -> dict:
+    """Evaluation: ``{'task_<main_metric>': [N] list, ...}`` (JSON-able)."""

@@ -1,0 +1,253 @@
+"""The training loop: ``train_and_evaluate`` as a short loop over named pieces.
+
+Given an experiment (:class:`experiments.families.base.Experiment`) and the
+gin-chosen method and optimizer (:mod:`experiments.runner.configurables`),
+:func:`train_and_evaluate` takes the workdir's lock, builds the transform, the
+mesh and the jitted step, restores the newest checkpoint, truncates
+``metrics.jsonl`` to it, then loops: step, write ``config.gin`` once, check for
+non-finite steps and evaluate at log points, checkpoint. Each of those is a
+function below; the entry point is :mod:`experiments.train`.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import gin
+import jax
+import numpy as np
+import optax
+
+import ldro
+from ldro import metrics as ldro_metrics
+from ldro import train as ldro_train
+from experiments.families import base as experiment_lib
+from experiments.runner import checkpoints
+from experiments.runner import configurables
+from experiments.runner import metrics_io
+from experiments.runner import sharding
+from experiments.runner import workdir as workdir_lib
+
+#: Runner modes besides the library's ('jacobian', 'lean'): ordinary training on
+#: the experiment's own batches (e.g. static mixing by sampling rates), no method.
+PLAIN = "plain"
+
+
+def method_mode(method_name: str, mode: Optional[str]) -> str:
+  """The step mode for ``method_name``: ``mode``, or the method's preferred one if None.
+
+  Raises:
+    ValueError: the method does not support ``mode`` (one line naming both).
+  """
+  if mode == PLAIN:
+    return mode
+  info = ldro.method_info(method_name)
+  if mode is None:
+    return info.preferred_mode
+  if mode not in info.modes:
+    raise ValueError(f"method {method_name!r} does not support mode {mode!r} "
+                     f"(train_and_evaluate.mode); its modes: {', '.join(info.modes)}.")
+  return mode
+
+
+@dataclasses.dataclass
+class Program:
+  """What the loop runs: the jitted step, its state and the mesh."""
+  tx: optax.GradientTransformation
+  mode: str
+  mesh: Any
+  state: ldro_train.TrainState
+  state_shardings: Any
+  step_fn: Callable
+
+
+def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_strategy: str,
+                    chunk_size: Optional[int], baseline_losses) -> tuple[Any, str, Callable]:
+  """``(tx, mode, step_builder)``: the gin-chosen method and optimizer, and the step for them."""
+  n = exp.num_tasks
+  if mode == PLAIN:
+    tx = optax.chain(*configurables.optimizer())
+    return tx, mode, lambda ps: ldro_train.make_plain_step(exp.plain_loss, tx, n,
+                                                           param_shardings=ps)
+  mode = method_mode(configurables.method_name(), mode)
+  weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
+                                   baseline_losses=baseline_losses)
+  tx = optax.chain(weighting, *configurables.optimizer())
+  return tx, mode, lambda ps: ldro_train.make_train_step(
+      exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
+      param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None,
+      reuse_refresh_grads=exp.reuse_refresh_grads)
+
+
+def build_program(exp: experiment_lib.Experiment, tx, mode: str, step_builder, seed: int,
+                  mesh_shape: Optional[Sequence[int]]) -> Program:
+  """Initial state on the mesh and the jitted, donating step."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  mesh = sharding.make_mesh(mesh_shape)
+  state = ldro_train.init_train_state(exp.init_params(init_rng), tx, train_rng)
+  shardings = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, shardings)
+  step_fn = jax.jit(step_builder(shardings.params), in_shardings=(shardings, None),
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  return Program(tx, mode, mesh, state, shardings, step_fn)
+
+
+def evaluation_record(exp: experiment_lib.Experiment, state: ldro_train.TrainState,
+                      train_metrics: Optional[dict]) -> dict:
+  """One ``metrics.jsonl`` record: per-task metrics, avg/worst, task weights."""
+  ev = exp.evaluate(sharding.host_local(state.params))
+  key = f"task_{exp.main_metric}"
+  if key not in ev:
+    raise KeyError(f"experiment.evaluate() must return {key!r}.")
+  avg, worst = ldro_metrics.average_and_worst(ev[key], exp.higher_is_better)
+  record = {"step": int(state.step), f"avg_{exp.main_metric}": avg,
+            f"worst_{exp.main_metric}": worst}
+  record.update(ev)
+  weights = getattr(exp, "sampling_rates", None)  # plain mode: the data mixture's rates
+  if weights is None:
+    weights = ldro_train._maybe_task_weights(state.opt_state, exp.num_tasks)  # pylint: disable=protected-access
+  record["task_weights"] = [float(x) for x in np.asarray(weights)]
+  if train_metrics is not None:
+    record["train_task_losses"] = [float(x) for x in np.asarray(train_metrics["task_losses"])]
+  return record
+
+
+def check_finite(state, exp, policy: str, say) -> None:
+  """Stops (``'error'``) or warns (``'skip'``) if the jitted step skipped non-finite steps."""
+  count = int(state.nonfinite_count)
+  if count == 0:
+    return
+  s, t = int(state.first_nonfinite_step), int(state.first_nonfinite_task)
+  where = f"task {t} ({exp.task_names[t]})" if t >= 0 else "the update (gradients)"
+  msg = f"non-finite loss or gradient at step {s} in {where}"
+  if policy == "error":
+    raise FloatingPointError(msg + "; the step was not applied. Set "
+                             "train_and_evaluate.nonfinite='skip' to skip such steps.")
+  say(f"warning: {count} step(s) skipped; first: {msg}")
+
+
+def progress_line(step, num_steps, rate, exp, record_or_losses) -> str:
+  if isinstance(record_or_losses, dict):
+    m = exp.main_metric
+    return (f"step {step}/{num_steps} | {rate:.1f} steps/s | avg {m} "
+            f"{record_or_losses[f'avg_{m}']:.4f} | worst {m} {record_or_losses[f'worst_{m}']:.4f}")
+  losses = np.asarray(record_or_losses)
+  return (f"step {step}/{num_steps} | {rate:.1f} steps/s | avg train loss {losses.mean():.4f} | "
+          f"worst train loss {losses.max():.4f}")
+
+
+def _validate(nonfinite: str, **intervals) -> None:
+  if nonfinite not in ("error", "skip"):
+    raise ValueError(f"train_and_evaluate.nonfinite must be 'error' or 'skip', got {nonfinite!r}.")
+  for name, v in intervals.items():
+    if int(v) < 1:
+      raise ValueError(f"train_and_evaluate.{name} must be >= 1, got {v}.")
+
+
+@gin.configurable(denylist=["workdir"])
+def train_and_evaluate(
+    workdir: str,
+    experiment: experiment_lib.Experiment = gin.REQUIRED,
+    num_steps: int = 500,
+    eval_every: int = 50,
+    log_every: int = 50,
+    checkpoint_every: int = 100,
+    keep_checkpoints: int = 2,
+    seed: int = 0,
+    mode: Optional[str] = None,
+    gram_strategy: str = "grouped",
+    chunk_size: Optional[int] = None,
+    nonfinite: str = "error",
+    baseline_losses: Optional[Sequence[float]] = None,
+    mesh_shape: Optional[Sequence[int]] = None,
+    quiet: bool = False,
+) -> list[dict]:
+  """Trains and evaluates; resumes from the latest checkpoint in ``workdir``.
+
+  Args:
+    workdir: output directory.
+    experiment: the experiment (tasks, data, model, evaluation).
+    num_steps: total training steps.
+    eval_every: evaluation interval (also at step 0 and at the end).
+    log_every: progress-line interval.
+    checkpoint_every: checkpoint interval (also at the end).
+    keep_checkpoints: checkpoints kept.
+    seed: PRNG seed (initialisation and per-step randomness).
+    mode: ``'jacobian'`` or ``'lean'`` (see :mod:`ldro.train`); ``None``: the
+      method's preferred mode (``ldro.method_info(name).preferred_mode``); a
+      mode the method does not support is an error. Or ``'plain'``: ordinary
+      training on ``experiment.plain_loss`` with the experiment's own batches
+      (e.g. static mixing by sampling rates); no weighting method.
+    gram_strategy: Gram strategy for lean mode.
+    chunk_size: chunk size for the ``chunked`` strategy.
+    nonfinite: ``'error'`` (stop, naming the step and task) or ``'skip'``
+      (skip such steps, keeping params and task weights).
+    baseline_losses: per-task baselines for ``baselined_dro``.
+    mesh_shape: ``(data, fsdp)`` device mesh (default: all devices on
+      ``data``); see :mod:`experiments.runner.sharding`.
+    quiet: suppress progress lines.
+
+  Returns:
+    The evaluation records written during this call.
+  """
+  _validate(nonfinite, num_steps=num_steps, eval_every=eval_every, log_every=log_every,
+            checkpoint_every=checkpoint_every)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  lock = workdir_lib.lock(workdir) if is_main else None  # one run per workdir at a time
+  exp = experiment
+  tx, mode, step_builder = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses)
+  prog = build_program(exp, tx, mode, step_builder, seed, mesh_shape)
+  mngr = checkpoints.manager(workdir, keep_checkpoints)
+  writer = None
+  try:
+    state, start = checkpoints.restore(mngr, prog.state, prog.state_shardings)
+    # Records after the checkpoint are rewritten: drop them (and their TB events).
+    writer = metrics_io.MetricsWriter(workdir, enabled=is_main,
+                                      purge_step=start + 1 if start > 0 else 0)
+    writer.truncate_after(start if start > 0 else -1)
+    say = (lambda s: print(s, flush=True)) if (is_main and not quiet) else (lambda s: None)
+    if start:
+      say(f"resumed from checkpoint at step {start} in {workdir}")
+    if start >= num_steps:
+      say(f"already trained for {start} >= {num_steps} steps")
+    records = []
+    if start == 0:
+      records.append(evaluation_record(exp, state, None))
+      writer.write(records[-1])
+
+    t0, steps_since, train_metrics = time.perf_counter(), 0, None
+    for step in range(start, num_steps):
+      # Multi-host: each process keeps its slice (sharding.process_slice) of the global batch.
+      batch = sharding.shard_batch(exp.train_batch(step), prog.mesh, task_grouped=mode != PLAIN)
+      state, train_metrics = prog.step_fn(state, batch)
+      steps_since += 1
+      done, last = step + 1, step + 1 == num_steps
+      if step == start and is_main:  # every configurable has been called by now
+        workdir_lib.write_config(workdir)
+      if done % log_every == 0 or done % eval_every == 0 or last:
+        check_finite(state, exp, nonfinite, say)
+        jax.block_until_ready(train_metrics)
+        rate = steps_since / max(time.perf_counter() - t0, 1e-9)
+        if done % eval_every == 0 or last:
+          records.append(evaluation_record(exp, state, jax.device_get(train_metrics)))
+          writer.write(records[-1])
+          say(progress_line(done, num_steps, rate, exp, records[-1]))
+        else:
+          say(progress_line(done, num_steps, rate, exp,
+                            jax.device_get(train_metrics["task_losses"])))
+        t0, steps_since = time.perf_counter(), 0
+      if done % checkpoint_every == 0 or last:
+        mngr.save(done, args=checkpoints.save_args(state))
+  finally:
+    # Also on errors: finish pending async saves and stop orbax's threads before the
+    # error propagates, so the process ends with one error line, not a thread traceback.
+    try:
+      mngr.wait_until_finished()
+      mngr.close()
+    finally:
+      if writer is not None:
+        writer.close()
+      workdir_lib.unlock(lock)
+  return records

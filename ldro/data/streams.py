@@ -1,0 +1,53 @@
+"""Per-task epoch streams: the deterministic example order shared by the batchers.
+
+Task ``i`` reads an infinite stream of its ``n_i`` examples made of
+consecutive epochs, epoch ``e`` being the permutation
+``np.random.default_rng((seed, i, e)).permutation(n_i)``. Stream position
+``p`` is example ``perm_e[p % n_i]`` of epoch ``e = p // n_i``. A batcher that
+takes positions ``[s * b, (s + 1) * b)`` at step ``s`` makes ``batch(step)`` a
+pure function of ``(seed, step)``, so training resumes exactly from any step,
+and every example of a task is seen exactly once per epoch of that task. Used
+by :class:`ldro.data.images.GroupedBatcher` and the text batchers of
+:mod:`ldro.data.text`.
+"""
+
+import collections
+
+import numpy as np
+
+
+class EpochStream:
+  """Infinite epoch-permuted stream of the example indices of one task."""
+
+  def __init__(self, num_examples: int, seed: int, task: int, cached_epochs: int = 4):
+    self.num_examples = int(num_examples)
+    self._seed = int(seed)
+    self._task = int(task)
+    self._cached = int(cached_epochs)
+    self._perms: "collections.OrderedDict[int, np.ndarray]" = collections.OrderedDict()
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The example order of ``epoch`` (memoised for the last few epochs)."""
+    perm = self._perms.get(epoch)
+    if perm is None:
+      rng = np.random.default_rng((self._seed, self._task, epoch))
+      perm = self._perms[epoch] = rng.permutation(self.num_examples)
+      while len(self._perms) > self._cached:
+        self._perms.popitem(last=False)
+    return perm
+
+  def indices(self, positions) -> np.ndarray:
+    """Example indices at global stream positions (position p: epoch p // n)."""
+    positions = np.asarray(positions, np.int64)
+    if positions.size and positions.min() < 0:
+      raise ValueError(f"stream positions must be >= 0, got {positions.min()}.")
+    epochs, within = np.divmod(positions, self.num_examples)
+    out = np.empty_like(positions)
+    for e in np.unique(epochs):
+      m = epochs == e
+      out[m] = self.permutation(int(e))[within[m]]
+    return out
+
+  def window(self, start: int, stop: int) -> np.ndarray:
+    """Example indices at positions ``[start, stop)``."""
+    return self.indices(np.arange(start, stop))
