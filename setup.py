@@ -10,7 +10,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ldro", "ldro.*", "experiments", "experiments.*",
                                     "gin_configs", "gin_configs.*"]),
-    package_data={"gin_configs": ["*.gin", "*/*.gin"]},
+    # The configs (found through gin's search path from any directory, see
+    # experiments/runner/paths.py) and the SentencePiece vocabulary.
+    package_data={"gin_configs": ["*.gin", "*/*.gin"], "ldro.data": ["assets/spm/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30", "jaxlib>=0.4.30", "flax>=0.10", "optax>=0.2.4", "chex>=0.1.87", "numpy",

@@ -1,6 +1,7 @@
 """The benchmark's quick path on tiny sizes (experiments/benchmark.py, issue 6)."""
 
 import json
+import statistics
 import os
 
 import pytest
@@ -67,3 +68,22 @@ def test_methods_option_splits_outside_parentheses():
   keep = benchmark.split_methods("L-DRO T=100 (lean, grouped),PCGrad")
   assert [l for l in labels if any(k in l for k in keep)] == [
       "L-DRO T=100 (lean, grouped)", "PCGrad (jacobian)"]
+
+
+def test_ratios_come_from_the_same_runs_plain_step(quick_result):
+  _, res = quick_result
+  rows = res["cnn"]["tiny"]["rows"]
+  plain = rows[0]
+  assert plain["ratio_to_plain"] == 1.0
+  for r in rows:
+    # A step's time from its own timed rounds: the ordinary median, and on periodic methods
+    # one refresh step (median) in every `period` steps.
+    ordinary = statistics.median(r["ordinary_runs_ms"])
+    if r.get("period") and r["period"] > 1:
+      p = r["period"]
+      want = ((p - 1) * ordinary + statistics.median(r["refresh_runs_ms"])) / p
+    else:
+      want = ordinary
+    assert r["step_ms"] == pytest.approx(want, rel=1e-9), r["label"]
+    assert r["steps_per_s"] == pytest.approx(1e3 / r["step_ms"], rel=1e-9)
+    assert r["ratio_to_plain"] == pytest.approx(r["step_ms"] / plain["step_ms"], rel=1e-9)

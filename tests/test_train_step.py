@@ -54,10 +54,12 @@ def test_modes_and_strategies_train_alike(method, kw):
       state, metrics = step(state, batch)
       assert bool(metrics["finite"])
     results[label] = (state.params, ldro.task_weights(state.opt_state))
-  tol = 2e-3 if method == "ldro_exact" else 1e-5
+  # The exact variant's weights sit near a vertex of the simplex, where the
+  # max-entropy solve resolves tiny weights (~1e-5) only to its float32 tolerance.
+  tol, w_atol = (2e-3, 1e-4) if method == "ldro_exact" else (1e-5, 1e-5)
   ref_params, ref_w = results["jacobian"]
   for label, (p, w) in results.items():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=1e-6,
                                                          err_msg=label), p, ref_params)
-    np.testing.assert_allclose(w, ref_w, rtol=tol, atol=1e-5, err_msg=label)
+    np.testing.assert_allclose(w, ref_w, rtol=tol, atol=w_atol, err_msg=label)
   assert not np.allclose(ref_w, 1.0 / N)  # the weights did move

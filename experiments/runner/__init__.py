@@ -1,0 +1,9 @@
+"""The runner's infrastructure, shared by every entry point and experiment family.
+
+``loop`` (train_and_evaluate), ``checkpoints`` (orbax), ``metrics_io``
+(metrics.jsonl writer and reader), ``workdir`` (lock, config.gin), ``sharding``
+(meshes, multi-host), ``cpu_runtime`` and ``process`` (process settings made by
+the entry points), ``configurables`` (gin: method, optimizer), ``paths``
+(checkout, gin search path, data directories), ``fault_injection`` (NaN
+wrapper for experiments.faults and the tests).
+"""
