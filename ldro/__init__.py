@@ -31,13 +31,18 @@ from ldro.random_weighting import random_gradient_weighting
 from ldro.random_weighting import random_loss_weighting
 from ldro.random_weighting import sample_random_weights
 from ldro.registry import get_method
+from ldro.registry import method_info
 from ldro.registry import method_names
+from ldro.registry import MethodInfo
 from ldro.registry import register_method
 from ldro.static import equal_weighting
 from ldro.static import mixing_weights
 from ldro.static import static_mixing
+from ldro.weighting import Rule
+from ldro.weighting import task_weighting
 from ldro.weighting import task_weights
-from ldro.weighting import TaskWeightingState
+from ldro.weighting import TaskStats
+from ldro.weighting import WeightingState
 from ldro import train  # make_train_step, make_plain_step, TrainState (ldro.train.*)
 
 __version__ = "0.1.0"
@@ -61,7 +66,9 @@ __all__ = (
     "LookaheadDROState",
     "maxent_nash",
     "maxent_nash_with_info",
+    "method_info",
     "method_names",
+    "MethodInfo",
     "mixing_weights",
     "NashInfo",
     "pairwise_gram",
@@ -74,8 +81,11 @@ __all__ = (
     "sample_random_weights",
     "static_mixing",
     "task_gram",
+    "Rule",
+    "task_weighting",
     "task_weights",
-    "TaskWeightingState",
+    "TaskStats",
+    "WeightingState",
     "train",
     "update_weights",
 )

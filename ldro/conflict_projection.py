@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ldro import lookahead
 from ldro import weighting
+from ldro import registry
 
 Array = jax.Array
 
@@ -56,7 +56,7 @@ def pcgrad(num_tasks: int, reduction: str = "mean") -> optax.GradientTransformat
   in ``state.task_weights``; they need not lie on the simplex.
 
   Jacobian mode uses the per-task gradients; lean mode takes ``task_vjp`` and
-  a ``gram_fn`` (or ``gram``) evaluated every step.
+  a ``gram_fn``, ``gram`` or ``task_grads_fn``, evaluated every step.
 
   Args:
     num_tasks: ``N``.
@@ -65,38 +65,19 @@ def pcgrad(num_tasks: int, reduction: str = "mean") -> optax.GradientTransformat
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  if reduction not in ("mean", "sum"):
-    raise ValueError(f"pcgrad: reduction must be 'mean' or 'sum', got {reduction!r}.")
   name = "pcgrad"
+  weighting.check_choice(reduction, "reduction", name, ("mean", "sum"))
 
-  def init_fn(params):
-    del params
-    n = weighting.check_num_tasks(num_tasks, name)
-    return weighting.TaskWeightingState(count=jnp.zeros([], jnp.int32),
-                                        task_weights=weighting.uniform(n))
+  def coefficients(stats: weighting.TaskStats, state):
+    n = stats.weights.shape[0]
+    u = jnp.sum(pcgrad_coefficients(stats.gram, stats.key), axis=0)
+    return (u / n if reduction == "mean" else u), state
 
-  def update_fn(updates, state, params=None, *, key=None, task_vjp=None, gram_fn=None,
-                gram=None, **extra_args):
-    del params, extra_args
-    n = state.task_weights.shape[0]
-    if key is None:
-      raise ValueError("pcgrad: a PRNG key is required for the projection order: pass "
-                       "key=jax.random.key(...) to update().")
-    if task_vjp is None:
-      weighting.check_task_grads(updates, n, name)
-      g = lookahead.task_gram(updates)
-    elif gram_fn is not None:
-      g = gram_fn()
-    elif gram is not None:
-      g = jnp.asarray(gram)
-    else:
-      raise ValueError("pcgrad: lean mode (task_vjp) needs gram_fn=... or gram=....")
-    coeffs = pcgrad_coefficients(g.astype(jnp.float32), key)
-    u = jnp.sum(coeffs, axis=0)
-    if reduction == "mean":
-      u = u / n
-    out = weighting.combine(updates, u, n, name, task_vjp)
-    return out, weighting.TaskWeightingState(count=optax.safe_increment(state.count),
-                                             task_weights=u)
+  return weighting.task_weighting(
+      weighting.Rule(name=name, coefficients=coefficients, needs_gram=True, needs_key=True),
+      num_tasks)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+registry.register_method(
+    "pcgrad", pcgrad, "PCGrad (Yu et al., NeurIPS 2020)", label="PCGrad",
+    needs=("gram", "key"), defaults={"reduction": "mean"})

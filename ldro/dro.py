@@ -9,6 +9,7 @@ import optax
 
 from ldro import game
 from ldro import weighting
+from ldro import registry
 
 Array = jax.Array
 
@@ -30,6 +31,8 @@ def group_dro(num_tasks: int, weight_lr: float | Array) -> optax.GradientTransfo
   Returns:
     A transformation taking ``task_losses`` (and optionally ``task_mask``).
   """
+  weighting.check_hparam(weight_lr, "weight_lr", "group_dro", low=0)
+
   def next_weights(w, losses, mask, key, count):
     return game.exponentiated_step(w, weight_lr * losses, mask)
   return weighting.loss_weighting("group_dro", num_tasks, next_weights)
@@ -51,6 +54,7 @@ def baselined_dro(
   Returns:
     A transformation taking ``task_losses``.
   """
+  weighting.check_hparam(weight_lr, "weight_lr", "baselined_dro", low=0)
   b = np.asarray(baseline_losses, np.float32)
   if b.ndim != 1 or not np.all(np.isfinite(b)):
     raise ValueError(f"baseline_losses must be a finite 1-D sequence, got {b!r}.")
@@ -74,6 +78,8 @@ def avg_max_interpolation(num_tasks: int, alpha: float | Array = 0.5) -> optax.G
   Returns:
     A transformation taking ``task_losses``.
   """
+  weighting.check_hparam(alpha, "alpha", "avg_max_interpolation", low=0, high=1)
+
   def next_weights(w, losses, mask, key, count):
     n = w.shape[0]
     m = jnp.ones((n,), bool) if mask is None else mask
@@ -81,3 +87,14 @@ def avg_max_interpolation(num_tasks: int, alpha: float | Array = 0.5) -> optax.G
     worst = jax.nn.one_hot(jnp.argmax(jnp.where(m, losses, -jnp.inf)), n)
     return alpha * avg + (1.0 - alpha) * worst
   return weighting.loss_weighting("avg_max_interpolation", num_tasks, next_weights)
+
+
+registry.register_method(
+    "dro", group_dro, "online group DRO (Sagawa et al., ICLR 2020)", label="DRO",
+    needs=("losses",), kind="dro", defaults={"weight_lr": 0.01})
+registry.register_method(
+    "baselined_dro", baselined_dro, "baselined DRO (Oren et al., EMNLP 2019)",
+    label="baselined DRO", needs=("losses",), kind="dro", defaults={"weight_lr": 0.01})
+registry.register_method(
+    "avg_max", avg_max_interpolation, "avg/max loss interpolation (paper App. B.2)",
+    label="avg/max", needs=("losses",), kind="dro", defaults={"alpha": 0.5})

@@ -1,6 +1,6 @@
 """Lookahead-DRO as an optax gradient transformation (Algorithms 1 and 3)."""
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,26 +9,30 @@ import optax
 from ldro import game
 from ldro import lookahead
 from ldro import weighting
+from ldro import registry
 
 Array = jax.Array
 
 
 class LookaheadDROState(NamedTuple):
-  """State of :func:`ldro_weights`.
+  """L-DRO's own state (``method_state`` of its :class:`ldro.WeightingState`).
+
+  The weights ``w`` are the state's ``task_weights`` and the Gram matrix of
+  the last refresh its ``gram``; the interaction matrix is
+  ``ldro.interaction_matrix(state.gram, normalize)`` (:func:`interaction`).
 
   Attributes:
-    count: ``[]`` int32, number of updates taken.
-    task_weights: ``[N]`` training weights ``w`` on the simplex.
-    interaction: ``[N, N]`` interaction matrix ``A`` (zero at start).
     worst_lookahead_loss: ``[]`` ``max_i (L w)_i`` at the last update.
     solver_converged: ``[]`` bool; the exact variant's last Nash solve
       converged (always ``True`` for the online variant).
   """
-  count: Array
-  task_weights: Array
-  interaction: Array
   worst_lookahead_loss: Array
   solver_converged: Array
+
+
+def interaction(state: weighting.WeightingState, normalize: bool = True) -> Array:
+  """The interaction matrix ``A`` ``[N, N]`` of an L-DRO state (zero before the first refresh)."""
+  return lookahead.interaction_matrix(state.gram, normalize)
 
 
 def ldro_weights(
@@ -100,93 +104,58 @@ def ldro_weights(
     ``optax.inject_hyperparams``.
   """
   name = "ldro_weights"
+  weighting.check_hparam(lookahead_lr, "lookahead_lr", name, low=0)
+  weighting.check_hparam(weight_lr, "weight_lr", name, low=0)
+  weighting.check_hparam(update_every, "update_every", name, low=1, integer=True)
 
-  def init_fn(params):
-    del params
-    n = weighting.check_num_tasks(num_tasks, name)
-    return LookaheadDROState(
-        count=jnp.zeros([], jnp.int32),
-        task_weights=weighting.uniform(n),
-        interaction=jnp.zeros((n, n), jnp.float32),
-        worst_lookahead_loss=jnp.zeros([], jnp.float32),
-        solver_converged=jnp.ones([], bool),
-    )
+  def init_state(n):
+    del n
+    return LookaheadDROState(worst_lookahead_loss=jnp.zeros([], jnp.float32),
+                             solver_converged=jnp.ones([], bool))
 
-  def update_fn(updates, state, params=None, *, task_losses=None, task_mask=None,
-                task_vjp: Optional[Callable[[Array], Any]] = None,
-                gram_fn: Optional[Callable[[], Array]] = None,
-                gram: Optional[Array] = None,
-                task_grads_fn: Optional[Callable[[], Any]] = None, **extra_args):
-    del params, extra_args
-    n = state.task_weights.shape[0]
-    losses = weighting.check_task_losses(task_losses, n, name).astype(jnp.float32)
-    mask = weighting.check_task_mask(task_mask, n, name)
-    due = (state.count % update_every) == 0
-    if mask is not None:
-      losses = jnp.where(mask, losses, 0.0)
-
-    def interaction_from(g):
-      if g.shape != (n, n):
-        raise ValueError(f"{name}: the Gram matrix must be [{n}, {n}], got {g.shape}.")
-      return lookahead.interaction_matrix(g.astype(jnp.float32), normalize)
-
-    def choose(a):
-      """(w, A, worst lookahead loss, converged) for interaction matrix ``a``."""
-      L = losses[:, None] - lookahead_lr * a
-      if exact:
-        L_game = L
-        if mask is not None:  # absent tasks' rows never bind
-          L_game = jnp.where(mask[:, None], L, jnp.min(L) - 1.0)
-        info = game.maxent_nash_with_info(L_game)
-        new_w, converged = info.w, info.converged
-      else:
-        new_w = game.update_weights(L, state.task_weights, weight_lr, mask)
-        converged = jnp.ones([], bool)
-      finite = jnp.all(jnp.isfinite(L)) & jnp.all(jnp.isfinite(new_w))
-      new_w = jnp.where(finite, new_w, state.task_weights)
-      worst = jnp.max(jnp.where(mask, L @ new_w, -jnp.inf) if mask is not None else L @ new_w)
-      return (new_w, jnp.where(finite, a, state.interaction),
-              jnp.where(finite, worst, state.worst_lookahead_loss), converged)
-
-    if task_grads_fn is not None:
-      if task_vjp is None or gram_fn is not None or gram is not None:
-        raise ValueError(
-            f"{name}: task_grads_fn=... is for lean mode (with task_vjp=...) and replaces "
-            "gram_fn/gram; pass task_vjp and task_grads_fn only.")
-
-      def refresh_step():
-        grads = task_grads_fn()
-        weighting.check_task_grads(grads, n, name)
-        new_w, new_a, worst, converged = choose(interaction_from(lookahead.task_gram(grads)))
-        return weighting.weighted_sum(grads, new_w), new_w, new_a, worst, converged
-
-      def ordinary_step():
-        new_w, new_a, worst, converged = choose(state.interaction)
-        return weighting.combine(None, new_w, n, name, task_vjp), new_w, new_a, worst, converged
-
-      out, new_w, new_a, worst, converged = jax.lax.cond(due, refresh_step, ordinary_step)
+  def coefficients(stats: weighting.TaskStats, state: LookaheadDROState):
+    mask = stats.mask
+    L = stats.losses[:, None] - lookahead_lr * lookahead.interaction_matrix(stats.gram, normalize)
+    if exact:
+      L_game = L
+      if mask is not None:  # absent tasks' rows never bind
+        L_game = jnp.where(mask[:, None], L, jnp.min(L) - 1.0)
+      info = game.maxent_nash_with_info(L_game)
+      new_w, converged = info.w, info.converged
     else:
-      if task_vjp is None:
-        weighting.check_task_grads(updates, n, name)
-        compute = lambda: lookahead.task_gram(updates)
-      elif gram_fn is not None:
-        compute = gram_fn
-      elif gram is not None:
-        compute = lambda: jnp.asarray(gram)
-      else:
-        raise ValueError(
-            f"{name}: lean mode (task_vjp given) needs gram_fn=... (or gram=..., or "
-            "task_grads_fn=...) to refresh the interaction matrix.")
-      a = jax.lax.cond(due, lambda: interaction_from(compute()), lambda: state.interaction)
-      new_w, new_a, worst, converged = choose(a)
-      out = weighting.combine(updates, new_w, n, name, task_vjp)
-    new_state = LookaheadDROState(
-        count=optax.safe_increment(state.count),
-        task_weights=new_w,
-        interaction=new_a,
-        worst_lookahead_loss=worst,
-        solver_converged=converged,
-    )
-    return out, new_state
+      new_w = game.update_weights(L, stats.weights, weight_lr, mask)
+      converged = jnp.ones([], bool)
+    # A non-finite L (weights inf * 0...) must not pass the core's guard as finite w.
+    new_w = jnp.where(jnp.all(jnp.isfinite(L)), new_w, jnp.nan)
+    payoff = L @ new_w
+    worst = jnp.max(jnp.where(mask, payoff, -jnp.inf) if mask is not None else payoff)
+    return new_w, LookaheadDROState(worst_lookahead_loss=worst, solver_converged=converged)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return weighting.task_weighting(
+      weighting.Rule(name=name, coefficients=coefficients, init_state=init_state,
+                     needs_losses=True, needs_gram=True, refresh_every=update_every),
+      num_tasks)
+
+
+def ldro_exact_weights(num_tasks: int, lookahead_lr: float | Array,
+                       weight_lr: float | Array = 0.0, update_every: int | Array = 1,
+                       normalize: bool = True) -> optax.GradientTransformationExtraArgs:
+  """Exact Lookahead-DRO (Algorithm 1): ``ldro_weights(..., exact=True)``.
+
+  ``weight_lr`` is unused (the weights are the game's max-entropy Nash
+  equilibrium); it is accepted so a config can switch between the variants.
+  """
+  return ldro_weights(num_tasks, lookahead_lr, weight_lr, update_every=update_every,
+                      normalize=normalize, exact=True)
+
+
+_PAPER_DEFAULTS = {"lookahead_lr": 0.01, "weight_lr": 0.001, "update_every": 100,
+                   "normalize": True}
+registry.register_method(
+    "ldro", ldro_weights, "online Lookahead-DRO (paper Alg. 2-3)", label="L-DRO",
+    needs=("losses", "gram"), kind="dro", defaults=_PAPER_DEFAULTS)
+registry.register_method(
+    "ldro_exact", ldro_exact_weights,
+    "exact Lookahead-DRO, max-entropy Nash every step (paper Alg. 1)", label="L-DRO (exact)",
+    needs=("losses", "gram"), kind="dro",
+    defaults={"lookahead_lr": 0.01, "update_every": 1, "normalize": True})

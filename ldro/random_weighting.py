@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 
 from ldro import weighting
+from ldro import registry
 
 Array = jax.Array
 
@@ -96,15 +97,20 @@ def random_gradient_weighting(num_tasks: int, distribution: str = "normal") -> o
     A transformation taking per-task gradients and ``key``.
   """
   _check_distribution(distribution)
-  inner = weighting.loss_weighting(
-      "random_gradient_weighting", num_tasks,
-      lambda w, losses, mask, key, count: sample_random_weights(key, w.shape[0], distribution),
-      needs_losses=False, needs_key=True)
+  return weighting.task_weighting(
+      weighting.Rule(
+          name="random_gradient_weighting",
+          coefficients=lambda stats, state: (
+              sample_random_weights(stats.key, stats.weights.shape[0], distribution), state),
+          needs_key=True, lean=False,
+          lean_hint="Use random_loss_weighting (rlw) for lean mode."),
+      num_tasks)
 
-  def update_fn(updates, state, params=None, *, task_vjp=None, **extra_args):
-    if task_vjp is not None:
-      raise ValueError("random_gradient_weighting needs per-task gradients (Jacobian mode); "
-                       "use random_loss_weighting for lean mode.")
-    return inner.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+registry.register_method(
+    "rlw", random_loss_weighting, "random loss weighting (Lin et al., TMLR 2022)", label="RLW",
+    needs=("key",), kind="loss", defaults={"distribution": "normal"})
+registry.register_method(
+    "rgw", random_gradient_weighting, "random gradient weighting (Lin et al., TMLR 2022)",
+    label="RGW", needs=("key",), modes=("jacobian",), kind="gradient",
+    defaults={"distribution": "normal"})

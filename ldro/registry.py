@@ -1,22 +1,112 @@
-"""Find task-weighting methods by name, for configs and command lines."""
+"""The registry of task-weighting methods: what each is, needs and supports.
 
-from typing import Callable
+Configs, the train step, the sweeps, the reports and the benchmark read a
+method's label, reference, needs and modes from here instead of keeping their
+own tables::
+
+    info = ldro.method_info("cagrad")
+    info.label, info.reference      # 'CAGrad', 'Liu et al., NeurIPS 2021'
+    info.needs                      # frozenset({'gram'})
+    info.modes, info.preferred_mode  # ('jacobian', 'lean'), 'lean'
+    tx = ldro.get_method("cagrad", num_tasks=5)   # the paper's defaults (c = 0.5)
+"""
+
+import dataclasses
+import types
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import optax
 
-from ldro import dro
-from ldro import lookahead_dro
-from ldro import conflict_projection
-from ldro import random_weighting
-from ldro import static
+from ldro import weighting
 
-_METHODS: dict[str, tuple[Callable[..., optax.GradientTransformationExtraArgs], str]] = {}
+MODES = ("jacobian", "lean")
+KINDS = ("static", "loss", "dro", "gradient")
 
 
-def register_method(name: str, factory: Callable[..., optax.GradientTransformationExtraArgs],
-                    reference: str = "") -> None:
-  """Registers ``factory`` under ``name`` (overwrites an existing entry)."""
-  _METHODS[name] = (factory, reference)
+@dataclasses.dataclass(frozen=True)
+class MethodInfo:
+  """What the registry knows about a method.
+
+  Attributes:
+    name: registry name (``get_method(name)``, ``METHOD`` in gin).
+    factory: builds the transformation from keyword hyper-parameters.
+    label: display label for tables and figures.
+    reference: the literature reference.
+    needs: what the method reads at a step, a subset of
+      :data:`ldro.weighting.NEEDS`: ``'losses'`` (``task_losses``),
+      ``'gram'`` (the task Gram matrix), ``'key'`` (a PRNG key),
+      ``'task_grads'`` (the per-task gradients themselves: Jacobian mode
+      only), ``'val_grads'`` (the gradient of a validation batch).
+    modes: the train modes it supports (``'jacobian'``, ``'lean'``).
+    defaults: hyper-parameters with the original paper's defaults (merged
+      under the arguments given to :func:`get_method`).
+    kind: ``'static'``, ``'loss'`` (weights from the losses), ``'dro'``
+      (worst-case weights) or ``'gradient'`` (coefficients from the
+      gradients).
+  """
+  name: str
+  factory: Callable[..., optax.GradientTransformationExtraArgs]
+  label: str
+  reference: str
+  needs: frozenset
+  modes: tuple
+  defaults: Mapping[str, Any]
+  kind: str
+
+  @property
+  def preferred_mode(self) -> str:
+    """``'lean'`` (one ordinary backward pass a step) when supported, else ``'jacobian'``."""
+    return "lean" if "lean" in self.modes else "jacobian"
+
+
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def register_method(
+    name: str,
+    factory: Callable[..., optax.GradientTransformationExtraArgs],
+    reference: str = "",
+    *,
+    label: Optional[str] = None,
+    needs: Iterable[str] = (),
+    modes: Iterable[str] = MODES,
+    defaults: Optional[Mapping[str, Any]] = None,
+    kind: str = "gradient",
+) -> MethodInfo:
+  """Registers ``factory`` under ``name`` (overwrites an existing entry).
+
+  Args:
+    name: registry name.
+    factory: keyword hyper-parameters -> transformation.
+    reference: literature reference.
+    label: display label (default ``name``).
+    needs: subset of :data:`ldro.weighting.NEEDS`.
+    modes: subset of ``('jacobian', 'lean')``.
+    defaults: the paper's default hyper-parameters.
+    kind: one of :data:`KINDS`.
+
+  Returns:
+    The new :class:`MethodInfo`.
+  """
+  needs = frozenset(needs)
+  unknown = needs - set(weighting.NEEDS)
+  if unknown:
+    raise ValueError(f"register_method({name!r}): unknown needs {sorted(unknown)}; "
+                     f"known: {', '.join(weighting.NEEDS)}.")
+  modes = tuple(modes)
+  if not modes or set(modes) - set(MODES):
+    raise ValueError(f"register_method({name!r}): modes must be a non-empty subset of {MODES}, "
+                     f"got {modes}.")
+  if "task_grads" in needs and "lean" in modes:
+    raise ValueError(f"register_method({name!r}): a method that needs the per-task gradients "
+                     "cannot support lean mode.")
+  if kind not in KINDS:
+    raise ValueError(f"register_method({name!r}): kind must be one of {KINDS}, got {kind!r}.")
+  info = MethodInfo(name=name, factory=factory, label=label or name, reference=reference,
+                    needs=needs, modes=modes,
+                    defaults=types.MappingProxyType(dict(defaults or {})), kind=kind)
+  _METHODS[name] = info
+  return info
 
 
 def method_names() -> list[str]:
@@ -24,19 +114,24 @@ def method_names() -> list[str]:
   return sorted(_METHODS)
 
 
-def method_reference(name: str) -> str:
-  """The literature reference of a registered method."""
-  return _lookup(name)[1]
+def method_info(name: str) -> MethodInfo:
+  """The :class:`MethodInfo` of a registered method.
 
-
-def _lookup(name: str):
+  Raises:
+    ValueError: unknown name; the message lists the known ones.
+  """
   if name not in _METHODS:
     raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())}.")
   return _METHODS[name]
 
 
+def method_reference(name: str) -> str:
+  """The literature reference of a registered method."""
+  return method_info(name).reference
+
+
 def get_method(name: str, **kwargs) -> optax.GradientTransformationExtraArgs:
-  """Builds the method ``name`` with its keyword arguments.
+  """Builds the method ``name`` with its defaults overridden by ``kwargs``.
 
   Args:
     name: a registered name (``method_names()``), e.g. ``'ldro'``.
@@ -47,27 +142,12 @@ def get_method(name: str, **kwargs) -> optax.GradientTransformationExtraArgs:
     The method's gradient transformation.
 
   Raises:
-    ValueError: unknown name (the message lists the known ones) or arguments
-      the factory does not take.
+    ValueError: unknown name (the message lists the known ones), arguments
+      the factory does not take, or a bad hyper-parameter value.
   """
-  factory, _ = _lookup(name)
+  info = method_info(name)
+  args = {**info.defaults, **kwargs}
   try:
-    return factory(**kwargs)
+    return info.factory(**args)
   except TypeError as e:
-    raise ValueError(f"method {name!r}: bad arguments {sorted(kwargs)}: {e}") from None
-
-
-register_method("equal", static.equal_weighting, "average task loss (paper section 2.1)")
-register_method("static_mixing", static.static_mixing,
-                "w_i ~ |D_i|^alpha (paper section 2.2; Conneau et al. 2020)")
-register_method("dro", dro.group_dro, "online group DRO (Sagawa et al., ICLR 2020)")
-register_method("baselined_dro", dro.baselined_dro, "baselined DRO (Oren et al., EMNLP 2019)")
-register_method("avg_max", dro.avg_max_interpolation, "avg/max loss interpolation (paper App. B.2)")
-register_method("ldro", lookahead_dro.ldro_weights, "online Lookahead-DRO (paper Alg. 2-3)")
-register_method("ldro_exact", lambda **kw: lookahead_dro.ldro_weights(exact=True, **kw),
-                "exact Lookahead-DRO, max-entropy Nash every step (paper Alg. 1)")
-register_method("pcgrad", conflict_projection.pcgrad, "PCGrad (Yu et al., NeurIPS 2020)")
-register_method("rlw", random_weighting.random_loss_weighting,
-                "random loss weighting (Lin et al., TMLR 2022)")
-register_method("rgw", random_weighting.random_gradient_weighting,
-                "random gradient weighting (Lin et al., TMLR 2022)")
+    raise ValueError(f"method {name!r}: bad arguments {sorted(args)}: {e}") from None

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 
 from ldro import weighting
+from ldro import registry
 
 
 def equal_weighting(num_tasks: int) -> optax.GradientTransformationExtraArgs:
@@ -60,7 +61,16 @@ def static_mixing(task_sizes: Sequence[float], alpha: float) -> optax.GradientTr
   Returns:
     A transformation with constant weights; ``task_losses`` not needed.
   """
+  weighting.check_hparam(alpha, "alpha", "static_mixing")
   w = mixing_weights(task_sizes, alpha)
   return weighting.loss_weighting(
       "static_mixing", len(w), lambda w_, *_: w_, init_weights=lambda n: jnp.asarray(w),
       needs_losses=False)
+
+
+registry.register_method(
+    "equal", equal_weighting, "average task loss (paper section 2.1)", label="EW",
+    kind="static")
+registry.register_method(
+    "static_mixing", static_mixing, "w_i ~ |D_i|^alpha (paper section 2.2; Conneau et al. 2020)",
+    label="static mixing", kind="static", defaults={"alpha": 0.3})

@@ -1,32 +1,72 @@
-"""Shared machinery of the task-weighting gradient transformations.
+"""The task-weighting core: one builder for every method's optax transformation.
 
-Every method in ``ldro`` is an ``optax.GradientTransformationExtraArgs`` that
-maps per-task gradients to one update. Two call conventions are supported:
+A task-weighting method maps the ``N`` task gradients ``g_i`` of a step to one
+update. Almost every method in the literature does it by choosing coefficients
+``c [N]`` and returning ``sum_i c_i g_i``, with ``c`` a function of the task
+losses, the task-gradient Gram matrix ``G = J J^T`` (``G_ij = g_i . g_j``) and
+a small state. This module owns everything that is not the method's own rule:
+
+* validation of the inputs (shapes, the task mask, the PRNG key, the mode);
+* the **Gram source** in every mode (below) and its **refresh schedule**
+  (every ``refresh_every`` steps, under ``lax.cond``; the last refreshed Gram
+  matrix is kept in the state);
+* the **non-finite guard**: a step whose losses, Gram matrix or coefficients
+  are not finite keeps the previous coefficients and the method's state;
+* the **output**, ``sum_i c_i g_i`` (Jacobian mode) or ``task_vjp(c)`` (lean
+  mode, the gradient of the ``c``-weighted loss).
+
+A method supplies a :class:`Rule`: its state (a ``NamedTuple`` of arrays) and
+a pure function ``(TaskStats, state) -> (c, state)``; :func:`task_weighting`
+turns it into an ``optax.GradientTransformationExtraArgs``. Methods that are
+not coefficients on task gradients (a per-coordinate operation such as
+GradDrop) supply ``aggregate`` instead and need the per-task gradients
+themselves; the core refuses lean mode for them.
+
+Call conventions (per-task inputs are keyword extra args, as optax does for
+``value``):
 
 * **Jacobian mode** (default): ``updates`` are the per-task gradients, every
   leaf with a leading task axis ``N`` (e.g. ``vmap(grad)`` over a
-  task-grouped batch). The output is ``sum_i w_i g_i``.
-* **Lean mode** (big models, loss-weighting methods only): pass
-  ``task_vjp=vjp_fn`` where ``task_losses, vjp_fn = jax.vjp(losses_fn,
-  params)``; ``updates`` are ignored (pass ``None``) and the output is
-  ``vjp_fn(w)``, the gradient of the ``w``-weighted loss, computed with the
-  weights chosen *at this step*, at the cost of one ordinary backward pass.
+  task-grouped batch); the Gram matrix, when a method needs it, comes from
+  them (``O(N^2 P)`` flops, no extra backward pass).
+* **Lean mode** (big models): pass ``task_vjp=vjp_fn`` where ``task_losses,
+  vjp_fn = jax.vjp(losses_fn, params)``; ``updates`` are ignored (``None``).
+  A method that needs the Gram matrix also takes one of ``gram_fn`` (zero
+  arguments, returns ``[N, N]``; evaluated on refresh steps only, inside
+  ``lax.cond``), ``gram`` (precomputed ``[N, N]``, used on refresh steps), or
+  ``task_grads_fn`` (zero arguments, returns the ``N`` task gradients): a
+  refresh step then takes the Gram matrix *and* its update ``sum_i c_i g_i``
+  from those gradients (no second backward pass), an ordinary step uses
+  ``task_vjp(c)``. Methods that need no Gram matrix ignore all three.
 
-Per-task inputs (``task_losses``, ``task_mask``, ``key``...) are keyword extra
-args, as optax does for ``value`` and friends. Every method's state is a
-``NamedTuple`` with a ``task_weights`` field, so :func:`task_weights` finds the
-current weights anywhere inside an ``optax.chain``.
+The state of every method is a :class:`WeightingState` with a
+``task_weights`` field (the coefficients of the last update), so
+:func:`task_weights` finds them anywhere inside an ``optax.chain``.
 """
 
+import dataclasses
+import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from ldro import lookahead
+
 Array = jax.Array
 PyTree = Any
+
+# What a method can need from a step, as the registry names it.
+NEEDS = ("losses", "gram", "key", "task_grads", "val_grads")
+
+
+# ----------------------------------------------------------------------------
+# Input validation (shared by the core and the factories).
+# ----------------------------------------------------------------------------
 
 
 def check_task_losses(task_losses: Optional[Array], num_tasks: int, method: str) -> Array:
@@ -65,32 +105,105 @@ def check_task_grads(updates: PyTree, num_tasks: int, method: str) -> None:
           f"{num_tasks}; leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}.")
 
 
+def check_num_tasks(num_tasks: Any, method: str) -> int:
+  """``num_tasks`` as a Python int ``>= 1`` (``2.5`` is refused, not truncated)."""
+  if isinstance(num_tasks, jax.core.Tracer):
+    raise ValueError(
+        f"{method}: num_tasks must be a static Python int (with optax.inject_hyperparams, "
+        "list it in static_args).")
+  arr = np.asarray(num_tasks) if isinstance(num_tasks, (numbers.Number, np.generic,
+                                                        np.ndarray, jax.Array)) else None
+  if (arr is None or arr.ndim != 0 or arr.dtype == bool
+      or not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr)
+      or float(arr) != round(float(arr))):
+    raise ValueError(f"{method}: num_tasks must be a whole number >= 1, got {num_tasks!r}.")
+  n = int(arr)
+  if n < 1:
+    raise ValueError(f"{method}: num_tasks must be >= 1, got {num_tasks!r}.")
+  return n
+
+
+def is_static(value: Any) -> bool:
+  """Whether a hyper-parameter is a concrete value (not traced, e.g. by a schedule)."""
+  if isinstance(value, jax.core.Tracer):
+    return False
+  return isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array))
+
+
+def check_hparam(value: Any, name: str, method: str, *, low: float = -math.inf,
+                 high: float = math.inf, low_inclusive: bool = True,
+                 high_inclusive: bool = True, integer: bool = False) -> Any:
+  """Validates a static scalar hyper-parameter; traced values pass through.
+
+  Values under ``optax.inject_hyperparams`` or a schedule are traced and can
+  only be checked by their effect (a non-finite coefficient is caught by the
+  core's guard and the step keeps its previous coefficients).
+
+  Args:
+    value: the hyper-parameter.
+    name: its argument name (shown in the message, as it is bound in gin).
+    method: the method's name.
+    low, high: the allowed range.
+    low_inclusive, high_inclusive: whether the bounds are allowed.
+    integer: the value must be a whole number.
+
+  Returns:
+    ``value`` unchanged.
+
+  Raises:
+    ValueError: naming the method, the parameter and the allowed range.
+  """
+  if not is_static(value):
+    return value
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"{method}: {name} must be a number, got {value!r}.")
+  arr = np.asarray(value)
+  if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.number)):
+    raise ValueError(f"{method}: {name} must be a scalar number, got {value!r}.")
+  x = float(arr)
+  lo = "[" if low_inclusive else "("
+  hi = "]" if high_inclusive else ")"
+  allowed = f"{lo}{low:g}, {high:g}{hi}"
+  if not math.isfinite(x):
+    raise ValueError(f"{method}: {name} must be finite, got {x!r} (allowed: {allowed}).")
+  if integer and x != round(x):
+    raise ValueError(f"{method}: {name} must be a whole number, got {value!r}.")
+  below = x < low or (x == low and not low_inclusive)
+  above = x > high or (x == high and not high_inclusive)
+  if below or above:
+    raise ValueError(f"{method}: {name} must be in {allowed}, got {x:g}.")
+  return value
+
+
+def check_choice(value: Any, name: str, method: str, choices: tuple[str, ...]) -> str:
+  """Validates a string option against its known values."""
+  if value not in choices:
+    raise ValueError(f"{method}: unknown {name} {value!r}; known: {', '.join(map(repr, choices))}.")
+  return value
+
+
+# ----------------------------------------------------------------------------
+# Outputs.
+# ----------------------------------------------------------------------------
+
+
 def weighted_sum(task_grads: PyTree, weights: Array) -> PyTree:
-  """``sum_i w_i g_i`` over the leading task axis of every leaf."""
+  """``sum_i c_i g_i`` over the leading task axis of every leaf."""
   return jax.tree_util.tree_map(
       lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), task_grads)
 
 
-def combine(
-    updates: PyTree,
-    weights: Array,
-    num_tasks: int,
-    method: str,
-    task_vjp: Optional[Callable[[Array], Any]] = None,
-) -> PyTree:
-  """Weighted update in Jacobian mode, or ``task_vjp(w)`` in lean mode."""
-  if task_vjp is not None:
-    out = task_vjp(weights)
-    # jax.vjp returns a tuple of cotangents, one per primal input.
-    if isinstance(out, tuple) and len(out) == 1:
-      out = out[0]
-    return out
-  check_task_grads(updates, num_tasks, method)
-  return weighted_sum(updates, weights)
+def pull_back(task_vjp: Callable[[Array], Any], weights: Array) -> PyTree:
+  """``task_vjp(c)``: the gradient of ``sum_i c_i l_i`` (lean mode)."""
+  out = task_vjp(weights)
+  # jax.vjp returns a tuple of cotangents, one per primal input.
+  if isinstance(out, tuple) and len(out) == 1:
+    out = out[0]
+  return out
 
 
 def task_weights(opt_state: Any) -> Array:
-  """The current task weights ``w`` ``[N]``, found anywhere in an optimizer state.
+  """The current task weights ``c`` ``[N]``, found anywhere in an optimizer state.
 
   Works for a bare method state, an ``optax.chain`` state, and states wrapped
   by ``optax.inject_hyperparams``.
@@ -99,44 +212,290 @@ def task_weights(opt_state: Any) -> Array:
     opt_state: optimizer state containing exactly one task-weighting method.
 
   Returns:
-    The ``task_weights`` field of that method's state.
+    The ``task_weights`` field of that method's state: the coefficients of
+    the last update (``update = sum_i c_i g_i``).
+
+  Raises:
+    ValueError: the state holds no task-weighting method, or several.
   """
   try:
-    return otu.tree_get(opt_state, "task_weights")
-  except KeyError as e:  # raised when zero or several matches are found
+    found = otu.tree_get(opt_state, "task_weights")
+  except KeyError as e:  # raised when several matches are found
     raise ValueError(
         "task_weights: the optimizer state must contain exactly one ldro task-weighting "
         f"method state (a NamedTuple with a 'task_weights' field): {e}") from None
+  if found is None:  # optax returns the default when nothing matches
+    raise ValueError(
+        "task_weights: the optimizer state contains no ldro task-weighting method "
+        "(no NamedTuple with a 'task_weights' field); put a method such as "
+        "ldro.ldro_weights(...) first in the optax.chain.")
+  return found
 
 
 def uniform(num_tasks: int) -> Array:
   return jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
 
 
-def check_num_tasks(num_tasks: Any, method: str) -> int:
-  try:
-    n = int(num_tasks)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise ValueError(
-        f"{method}: num_tasks must be a static Python int (with optax.inject_hyperparams, "
-        "list it in static_args).") from None
-  if n < 1:
-    raise ValueError(f"{method}: num_tasks must be >= 1, got {num_tasks}.")
-  return n
+# ----------------------------------------------------------------------------
+# The core.
+# ----------------------------------------------------------------------------
 
 
-GradientTransformationExtraArgs = optax.GradientTransformationExtraArgs
+class TaskStats(NamedTuple):
+  """What a method's rule sees at one step.
+
+  Attributes:
+    losses: ``[N]`` float32 task losses (absent tasks set to 0), or ``None``
+      if the method does not need them and none were given.
+    mask: ``[N]`` bool, tasks present in the batch; ``None`` when the caller
+      gave no mask (every task present).
+    gram: ``[N, N]`` float32 Gram matrix ``G_ij = g_i . g_j`` (the last
+      refreshed one on steps where no refresh is due); ``None`` if the method
+      does not need it.
+    refreshed: ``[]`` bool, the Gram matrix was recomputed at this step.
+    count: ``[]`` int32, updates taken before this one.
+    key: PRNG key, or ``None``.
+    weights: ``[N]`` coefficients of the previous update (the method's
+      initial weights at the first step).
+  """
+  losses: Optional[Array]
+  mask: Optional[Array]
+  gram: Optional[Array]
+  refreshed: Array
+  count: Array
+  key: Optional[Array]
+  weights: Array
+
+  @property
+  def present(self) -> Array:
+    """``[N]`` bool mask of present tasks (all ``True`` without a mask)."""
+    n = self.weights.shape[0]
+    return jnp.ones((n,), bool) if self.mask is None else self.mask
 
 
-class TaskWeightingState(NamedTuple):
-  """State of the loss-weighting baselines.
+class EmptyState(NamedTuple):
+  """State of a method that keeps nothing beyond its last coefficients."""
+
+
+class WeightingState(NamedTuple):
+  """State of every task-weighting transformation.
 
   Attributes:
     count: ``[]`` int32, number of updates taken.
-    task_weights: ``[N]`` current task weights (on the simplex).
+    task_weights: ``[N]`` coefficients ``c`` of the last update
+      (``update = sum_i c_i g_i``; on the simplex for the weighting methods,
+      not for PCGrad, MGDA-UB, CAGrad...).
+    gram: ``[N, N]`` Gram matrix of the last refresh (zeros before the first,
+      and for methods that use none).
+    method_state: the method's own state (a ``NamedTuple`` of arrays).
   """
   count: Array
   task_weights: Array
+  gram: Array
+  method_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A method's own part: its state and its rule.
+
+  Attributes:
+    name: the method's name in error messages.
+    coefficients: ``coefficients(stats, state) -> (c [N], new_state)``; pure
+      and jittable. Exactly one of ``coefficients`` and ``aggregate``.
+    aggregate: for methods that are not coefficients on task gradients:
+      ``aggregate(task_grads, stats, state) -> (update, c [N], new_state)``,
+      where ``c`` is what ``task_weights`` reports. Jacobian mode only.
+    init_state: ``init_state(N)`` -> the method's state (``EmptyState()``).
+    init_weights: ``init_weights(N)`` -> the coefficients reported before the
+      first update (default uniform).
+    needs_losses: the rule reads ``stats.losses`` (required extra arg).
+    needs_gram: the rule reads ``stats.gram``.
+    needs_key: the rule reads ``stats.key`` (required extra arg).
+    refresh_every: Gram refresh interval (steps ``0, k, 2k, ...``); may be a
+      traced value under ``inject_hyperparams``.
+    lean: the method supports lean mode. ``False`` for methods whose update
+      is defined on per-task gradients and not on the losses.
+    lean_hint: what to use instead when ``lean`` is ``False``.
+  """
+  name: str
+  coefficients: Optional[Callable[[TaskStats, Any], tuple[Array, Any]]] = None
+  aggregate: Optional[Callable[[PyTree, TaskStats, Any], tuple[PyTree, Array, Any]]] = None
+  init_state: Callable[[int], Any] = lambda n: EmptyState()
+  init_weights: Optional[Callable[[int], Array]] = None
+  needs_losses: bool = False
+  needs_gram: bool = False
+  needs_key: bool = False
+  refresh_every: Any = 1
+  lean: bool = True
+  lean_hint: str = ""
+
+
+def _all_finite(tree: PyTree) -> Array:
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _select(ok: Array, new: PyTree, old: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _is_static_one(k: Any) -> bool:
+  return is_static(k) and float(np.asarray(k)) == 1
+
+
+def task_weighting(rule: Rule, num_tasks: int) -> optax.GradientTransformationExtraArgs:
+  """Builds a method's ``optax.GradientTransformationExtraArgs`` from its rule.
+
+  Each update:
+
+  1. validate the extra args the rule needs (``task_losses [N]``, ``key``,
+     ``task_mask [N]``) and the mode;
+  2. when the rule needs the Gram matrix and a refresh is due
+     (``count % refresh_every == 0``, under ``lax.cond``), compute ``G`` from
+     the per-task gradients (Jacobian mode) or from ``gram_fn``/``gram``/
+     ``task_grads_fn`` (lean mode); otherwise use the last refreshed ``G``;
+  3. ``c, state = rule.coefficients(stats, state)``; if the losses (when
+     needed), ``G`` or ``c`` are not finite, keep the previous coefficients,
+     Gram matrix and method state;
+  4. output ``sum_i c_i g_i`` (or ``task_vjp(c)`` in lean mode).
+
+  Args:
+    rule: the method's :class:`Rule`.
+    num_tasks: ``N`` (static).
+
+  Returns:
+    The transformation; extra args ``task_losses``, ``task_mask``, ``key``,
+    ``task_vjp``, ``gram_fn``, ``gram``, ``task_grads_fn`` (others are ignored,
+    so the method composes in ``optax.chain`` with any other).
+  """
+  name = rule.name
+  if (rule.coefficients is None) == (rule.aggregate is None):
+    raise ValueError(f"{name}: a rule has exactly one of coefficients and aggregate.")
+  if rule.aggregate is not None and rule.lean:
+    raise ValueError(f"{name}: an aggregate rule needs the per-task gradients (lean=False).")
+  check_hparam(rule.refresh_every, "refresh_every", name, low=1, integer=True)
+  if not isinstance(num_tasks, jax.core.Tracer):  # traced under inject_hyperparams
+    check_num_tasks(num_tasks, name)
+
+  def init_fn(params):
+    del params
+    n = check_num_tasks(num_tasks, name)
+    w0 = uniform(n) if rule.init_weights is None else jnp.asarray(rule.init_weights(n),
+                                                                   jnp.float32)
+    if w0.shape != (n,):
+      raise ValueError(f"{name}: initial weights must have shape ({n},), got {w0.shape}.")
+    return WeightingState(count=jnp.zeros([], jnp.int32), task_weights=w0,
+                          gram=jnp.zeros((n, n), jnp.float32),
+                          method_state=rule.init_state(n))
+
+  def update_fn(updates, state, params=None, *, task_losses=None, task_mask=None, key=None,
+                task_vjp: Optional[Callable[[Array], Any]] = None,
+                gram_fn: Optional[Callable[[], Array]] = None,
+                gram: Optional[Array] = None,
+                task_grads_fn: Optional[Callable[[], PyTree]] = None,
+                **extra_args):
+    del params, extra_args
+    n = state.task_weights.shape[0]
+    lean = task_vjp is not None
+    if lean and not rule.lean:
+      raise ValueError(f"{name} needs the per-task gradients (Jacobian mode: pass them as "
+                       f"updates, without task_vjp); lean mode is not supported."
+                       + (f" {rule.lean_hint}" if rule.lean_hint else ""))
+    losses = None
+    if rule.needs_losses or task_losses is not None:
+      losses = check_task_losses(task_losses, n, name).astype(jnp.float32)
+    mask = check_task_mask(task_mask, n, name)
+    if mask is not None and losses is not None:
+      losses = jnp.where(mask, losses, 0.0)
+    if rule.needs_key and key is None:
+      raise ValueError(f"{name}: a PRNG key is required: pass key=jax.random.key(...) as an "
+                       "extra argument to update().")
+    if not lean:
+      if task_grads_fn is not None:
+        raise ValueError(f"{name}: task_grads_fn=... is for lean mode (with task_vjp=...); in "
+                         "Jacobian mode pass the per-task gradients as updates.")
+      check_task_grads(updates, n, name)
+    if lean and rule.needs_gram:
+      given = [a for a, v in (("gram_fn", gram_fn), ("gram", gram),
+                              ("task_grads_fn", task_grads_fn)) if v is not None]
+      if not given:
+        raise ValueError(
+            f"{name}: lean mode (task_vjp given) needs the Gram matrix: pass gram_fn=... (or "
+            "gram=..., or task_grads_fn=...).")
+      if len(given) > 1 and "task_grads_fn" in given:
+        raise ValueError(f"{name}: task_grads_fn=... replaces gram_fn/gram; pass task_vjp and "
+                         f"task_grads_fn only (got {', '.join(given)}).")
+
+    def checked_gram(g):
+      g = jnp.asarray(g)
+      if g.shape != (n, n):
+        raise ValueError(f"{name}: the Gram matrix must be [{n}, {n}], got {g.shape}.")
+      return g.astype(jnp.float32)
+
+    def decide(g, refreshed, task_grads=None):
+      """(output or None, c, method state, Gram) at this step, guarded."""
+      stats = TaskStats(losses=losses, mask=mask, gram=g if rule.needs_gram else None,
+                        refreshed=jnp.asarray(refreshed, bool), count=state.count, key=key,
+                        weights=state.task_weights)
+      out = None
+      if rule.aggregate is not None:
+        out, c, ms = rule.aggregate(task_grads, stats, state.method_state)
+      else:
+        c, ms = rule.coefficients(stats, state.method_state)
+      c = jnp.asarray(c, jnp.float32)
+      if c.shape != (n,):
+        raise ValueError(f"{name}: the rule returned coefficients of shape {c.shape}, not ({n},).")
+      ok = jnp.all(jnp.isfinite(c))
+      if rule.needs_losses:
+        ok &= jnp.all(jnp.isfinite(losses))
+      if rule.needs_gram:
+        ok &= jnp.all(jnp.isfinite(g))
+      new = (c, ms, g)
+      old = (state.task_weights, state.method_state, state.gram)
+      c, ms, g = _select(ok, new, old)
+      return out, c, ms, g
+
+    due = (state.count % rule.refresh_every) == 0
+    every_step = _is_static_one(rule.refresh_every)
+    cond = (lambda refresh, keep: refresh()) if every_step else (
+        lambda refresh, keep: jax.lax.cond(due, refresh, keep))
+
+    if not rule.needs_gram:
+      out, c, ms, g = decide(state.gram, False, updates if not lean else None)
+      if out is None:
+        out = pull_back(task_vjp, c) if lean else weighted_sum(updates, c)
+    elif not lean:
+      g = cond(lambda: checked_gram(lookahead.task_gram(updates)), lambda: state.gram)
+      out, c, ms, g = decide(g, due, updates)
+      if out is None:
+        out = weighted_sum(updates, c)
+    elif task_grads_fn is not None:
+      def refresh_step():
+        grads = task_grads_fn()
+        check_task_grads(grads, n, name)
+        _, c, ms, g = decide(checked_gram(lookahead.task_gram(grads)), True)
+        return weighted_sum(grads, c), c, ms, g
+
+      def ordinary_step():
+        _, c, ms, g = decide(state.gram, False)
+        return pull_back(task_vjp, c), c, ms, g
+
+      out, c, ms, g = cond(refresh_step, ordinary_step)
+    else:
+      compute = gram_fn if gram_fn is not None else (lambda: gram)
+      g = cond(lambda: checked_gram(compute()), lambda: state.gram)
+      _, c, ms, g = decide(g, due)
+      out = pull_back(task_vjp, c)
+
+    new_state = WeightingState(count=optax.safe_increment(state.count), task_weights=c,
+                               gram=g, method_state=ms)
+    return out, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def loss_weighting(
@@ -147,39 +506,12 @@ def loss_weighting(
     needs_losses: bool = True,
     needs_key: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a task-weighting transformation from a weight rule.
+  """A stateless weighting rule ``next_weights(w, losses, mask, key, count) -> w_new``.
 
-  ``next_weights(w, losses, mask, key, count) -> w_new`` gives this step's
-  weights; the output is ``sum_i w_new_i g_i`` (Jacobian mode) or
-  ``task_vjp(w_new)`` (lean mode).
+  Shorthand for :func:`task_weighting` with a rule that reads the previous
+  weights, the losses, the mask and the key (loss-weighting methods).
   """
-
-  def init_fn(params):
-    del params
-    n = check_num_tasks(num_tasks, name)
-    w0 = uniform(n) if init_weights is None else jnp.asarray(init_weights(n), jnp.float32)
-    if w0.shape != (n,):
-      raise ValueError(f"{name}: initial weights must have shape ({n},), got {w0.shape}.")
-    return TaskWeightingState(count=jnp.zeros([], jnp.int32), task_weights=w0)
-
-  def update_fn(updates, state, params=None, *, task_losses=None, task_mask=None, key=None,
-                task_vjp=None, **extra_args):
-    del params, extra_args
-    n = state.task_weights.shape[0]
-    losses = check_task_losses(task_losses, n, name) if needs_losses else None
-    if losses is not None:
-      losses = losses.astype(jnp.float32)
-    mask = check_task_mask(task_mask, n, name)
-    if needs_key and key is None:
-      raise ValueError(f"{name}: a PRNG key is required: pass key=jax.random.key(...) as an "
-                       "extra argument to update().")
-    if mask is not None and losses is not None:
-      losses = jnp.where(mask, losses, 0.0)
-    new_w = next_weights(state.task_weights, losses, mask, key, state.count)
-    if losses is not None:  # a non-finite loss leaves the weights unchanged
-      new_w = jnp.where(jnp.all(jnp.isfinite(new_w)), new_w, state.task_weights)
-    out = combine(updates, new_w, n, name, task_vjp)
-    return out, TaskWeightingState(count=optax.safe_increment(state.count), task_weights=new_w)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
+  def coefficients(stats: TaskStats, state):
+    return next_weights(stats.weights, stats.losses, stats.mask, stats.key, stats.count), state
+  return task_weighting(Rule(name=name, coefficients=coefficients, init_weights=init_weights,
+                             needs_losses=needs_losses, needs_key=needs_key), num_tasks)
