@@ -52,7 +52,8 @@ def test_cifar100_configs_hold_the_paper_settings(gin_config):
   assert _q("optax.sgd.learning_rate") == 0.025
   assert _q("optax.sgd.momentum") == 0.9
   assert _q("optax.sgd.nesterov") is True
-  assert _q("%METHOD") == "equal" and _q("%MODE") == "lean"
+  assert _q("%METHOD") == "equal" and _q("%MODE") is None  # the method's preferred mode:
+  assert loop.method_mode("equal", None) == "lean"
   gin_config(["gin_configs/cifar100/ldro.gin"])
   assert _q("%UPDATE_EVERY") == 100 and _q("%NORMALIZE") is True
   gin_config(["gin_configs/cifar100/ldro_no_renorm.gin"])
@@ -61,10 +62,10 @@ def test_cifar100_configs_hold_the_paper_settings(gin_config):
     gin_config([f"gin_configs/cifar100/ldro_interval_{k}.gin"])
     assert _q("%UPDATE_EVERY") == k
   gin_config(["gin_configs/cifar100/avg_max.gin"])
-  assert _q("%ALPHA") == 0.5
-  for m in ("pcgrad", "rgw"):
+  assert _q("%AVG_MAX_ALPHA") == 0.5
+  for m in ("pcgrad", "rgw"):  # per-task gradients: pinned (pcgrad) or the only mode (rgw)
     gin_config([f"gin_configs/cifar100/{m}.gin"])
-    assert _q("%MODE") == "jacobian"
+    assert loop.method_mode(_q("%METHOD"), _q("%MODE")) == "jacobian"
   gin_config(["gin_configs/cifar10_mtl/static.gin"])
   assert _q("ImageClassificationExperiment.dataset") == "cifar10_pairs"
   assert _q("%DATA_DIR") == "../shared/data/cifar10_images"
