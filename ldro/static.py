@@ -2,6 +2,7 @@
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -62,9 +63,13 @@ def static_mixing(task_sizes: Sequence[float], alpha: float) -> optax.GradientTr
     A transformation with constant weights; ``task_losses`` not needed.
   """
   weighting.check_hparam(alpha, "alpha", "static_mixing")
-  w = mixing_weights(task_sizes, alpha)
+  if weighting.is_static(alpha):
+    w = jnp.asarray(mixing_weights(task_sizes, alpha))
+  else:  # a traced alpha (optax.inject_hyperparams): the same formula in JAX
+    mixing_weights(task_sizes, 0.0)  # validates the sizes
+    w = jax.nn.softmax(alpha * jnp.log(jnp.asarray(task_sizes, jnp.float32)))
   return weighting.loss_weighting(
-      "static_mixing", len(w), lambda w_, *_: w_, init_weights=lambda n: jnp.asarray(w),
+      "static_mixing", len(w), lambda w_, *_: w_, init_weights=lambda n: w,
       needs_losses=False)
 
 
