@@ -108,6 +108,51 @@ def baselines_from_json(path: str = gin.REQUIRED,
   return out
 
 
+def decoder_logits(model: decoder_lib.Decoder, params: PyTree, batch: PyTree,
+                   rng: Optional[jax.Array] = None) -> jax.Array:
+  """The decoder's logits on ``batch`` (dropout when the model has some and ``rng`` is given)."""
+  dropout = model.config.dropout_rate > 0 and rng is not None
+  return decoder_lib.apply_decoder(model, params, batch, enable_dropout=dropout,
+                                   rngs={"dropout": rng} if dropout else None)
+
+
+def token_loss(model: decoder_lib.Decoder, params: PyTree, task_batch: PyTree,
+               rng: Optional[jax.Array] = None):
+  """Mean token cross-entropy of one language's rows ``[b, L]``.
+
+  The loss of :meth:`LanguageModelingExperiment.task_loss`, as a function of
+  the model (reused by ``experiments.benchmark``).
+
+  Returns:
+    ``(loss, {'count': weighted target tokens})``.
+  """
+  logits = decoder_logits(model, params, task_batch, rng)
+  total, count = decoder_lib.token_cross_entropy(
+      logits, task_batch["decoder_target_tokens"], task_batch["decoder_loss_weights"])
+  return total / jnp.maximum(count, 1.0), {"count": count}
+
+
+def grouped_token_losses(model: decoder_lib.Decoder, params: PyTree, batch: PyTree,
+                         rng: Optional[jax.Array] = None):
+  """All languages' :func:`token_loss` of a stratified ``[N, b, L]`` batch from one
+  decoder application on the flattened ``[N * b, L]`` rows.
+
+  Equal to ``vmap`` of :func:`token_loss` over the task axis without dropout
+  (the experiment itself uses that ``vmap``; ``experiments.benchmark`` times
+  both).
+
+  Returns:
+    ``(losses [N], {'count': [N] weighted target tokens})``.
+  """
+  flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+  logits = decoder_logits(model, params, flat, rng)
+  lead = batch["decoder_target_tokens"].shape[:2]
+  logits = logits.reshape(lead + logits.shape[1:])
+  losses, counts = decoder_lib.per_task_token_loss(
+      logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+  return losses, {"count": counts}
+
+
 @gin.configurable
 class LanguageModelingExperiment(experiment_lib.Experiment):
   """Multilingual LM, one task per language (paper section 5.2).
@@ -296,9 +341,7 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     return self.model.init(rng, tokens)
 
   def _logits(self, params, batch, rng):
-    dropout = self.config.dropout_rate > 0 and rng is not None
-    return decoder_lib.apply_decoder(self.model, params, batch, enable_dropout=dropout,
-                                     rngs={"dropout": rng} if dropout else None)
+    return decoder_logits(self.model, params, batch, rng)
 
   def task_loss(self, params: PyTree, task_batch: PyTree, rng: jax.Array):
     """Mean token cross-entropy of one language's rows ``[b, L]``.
@@ -306,10 +349,7 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     Returns:
       ``(loss, {'count': weighted target tokens})``.
     """
-    logits = self._logits(params, task_batch, rng)
-    total, count = decoder_lib.token_cross_entropy(
-        logits, task_batch["decoder_target_tokens"], task_batch["decoder_loss_weights"])
-    return total / jnp.maximum(count, 1.0), {"count": count}
+    return token_loss(self.model, params, task_batch, rng)
 
   def plain_loss(self, params: PyTree, batch: PyTree, rng: jax.Array):
     """Mean token cross-entropy of a mixture batch ``[B, L]`` (static mixing).
