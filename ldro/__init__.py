@@ -38,10 +38,12 @@ from ldro.registry import register_method
 from ldro.static import equal_weighting
 from ldro.static import mixing_weights
 from ldro.static import static_mixing
+from ldro.weighting import combine
 from ldro.weighting import Rule
 from ldro.weighting import task_weighting
 from ldro.weighting import task_weights
 from ldro.weighting import TaskStats
+from ldro.weighting import TaskWeighting
 from ldro.weighting import WeightingState
 from ldro import train  # make_train_step, make_plain_step, TrainState (ldro.train.*)
 
@@ -52,6 +54,7 @@ __all__ = (
     "baselined_dro",
     "best_response",
     "chunked_gram",
+    "combine",
     "compute_gram",
     "equal_weighting",
     "exponentiated_step",
@@ -85,6 +88,7 @@ __all__ = (
     "task_weighting",
     "task_weights",
     "TaskStats",
+    "TaskWeighting",
     "WeightingState",
     "train",
     "update_weights",

@@ -317,6 +317,11 @@ class Rule:
     lean: the method supports lean mode. ``False`` for methods whose update
       is defined on per-task gradients and not on the losses.
     lean_hint: what to use instead when ``lean`` is ``False``.
+    gram_filter: optional predicate on a parameter's path
+      (``jax.tree_util.keystr``, e.g. ``"['Dense_2']['kernel']"``): the Gram
+      matrix is then computed on the selected parameters only (e.g. GradNorm's
+      last shared layer). It needs the per-task gradients: Jacobian mode, or
+      lean mode with ``task_grads_fn``.
   """
   name: str
   coefficients: Optional[Callable[[TaskStats, Any], tuple[Array, Any]]] = None
@@ -329,6 +334,7 @@ class Rule:
   refresh_every: Any = 1
   lean: bool = True
   lean_hint: str = ""
+  gram_filter: Optional[Callable[[str], bool]] = None
 
 
 def _all_finite(tree: PyTree) -> Array:
@@ -343,11 +349,35 @@ def _select(ok: Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def filtered_gram(task_grads: PyTree, keep: Optional[Callable[[str], bool]], method: str) -> Array:
+  """The Gram matrix of the task gradients, on the leaves whose path ``keep`` selects."""
+  if keep is None:
+    return lookahead.task_gram(task_grads)
+  leaves = [g for path, g in jax.tree_util.tree_leaves_with_path(task_grads)
+            if keep(jax.tree_util.keystr(path))]
+  if not leaves:
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(task_grads)]
+    raise ValueError(f"{method}: the parameter filter selects no parameter; paths are: "
+                     f"{', '.join(paths[:20])}{' ...' if len(paths) > 20 else ''}.")
+  return lookahead.task_gram(leaves)
+
+
 def _is_static_one(k: Any) -> bool:
   return is_static(k) and float(np.asarray(k)) == 1
 
 
-def task_weighting(rule: Rule, num_tasks: int) -> optax.GradientTransformationExtraArgs:
+class TaskWeighting(optax.GradientTransformationExtraArgs):
+  """A task-weighting transformation; it also carries its :class:`Rule`.
+
+  An ``optax.GradientTransformationExtraArgs`` (``init``, ``update``) in every
+  respect; ``tx.rule`` and ``tx.num_tasks`` let :func:`combine` compose
+  methods.
+  """
+  rule: Rule
+  num_tasks: Any
+
+
+def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
   """Builds a method's ``optax.GradientTransformationExtraArgs`` from its rule.
 
   Each update:
@@ -426,6 +456,10 @@ def task_weighting(rule: Rule, num_tasks: int) -> optax.GradientTransformationEx
         raise ValueError(
             f"{name}: lean mode (task_vjp given) needs the Gram matrix: pass gram_fn=... (or "
             "gram=..., or task_grads_fn=...).")
+      if rule.gram_filter is not None and task_grads_fn is None:
+        raise ValueError(f"{name}: a Gram matrix on selected parameters (gram_filter) needs the "
+                         "per-task gradients: use Jacobian mode, or lean mode with "
+                         "task_grads_fn=... (not gram_fn/gram).")
       if len(given) > 1 and "task_grads_fn" in given:
         raise ValueError(f"{name}: task_grads_fn=... replaces gram_fn/gram; pass task_vjp and "
                          f"task_grads_fn only (got {', '.join(given)}).")
@@ -469,7 +503,8 @@ def task_weighting(rule: Rule, num_tasks: int) -> optax.GradientTransformationEx
       if out is None:
         out = pull_back(task_vjp, c) if lean else weighted_sum(updates, c)
     elif not lean:
-      g = cond(lambda: checked_gram(lookahead.task_gram(updates)), lambda: state.gram)
+      g = cond(lambda: checked_gram(filtered_gram(updates, rule.gram_filter, name)),
+               lambda: state.gram)
       out, c, ms, g = decide(g, due, updates)
       if out is None:
         out = weighted_sum(updates, c)
@@ -477,7 +512,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> optax.GradientTransformationEx
       def refresh_step():
         grads = task_grads_fn()
         check_task_grads(grads, n, name)
-        _, c, ms, g = decide(checked_gram(lookahead.task_gram(grads)), True)
+        _, c, ms, g = decide(checked_gram(filtered_gram(grads, rule.gram_filter, name)), True)
         return weighted_sum(grads, c), c, ms, g
 
       def ordinary_step():
@@ -495,7 +530,10 @@ def task_weighting(rule: Rule, num_tasks: int) -> optax.GradientTransformationEx
                                gram=g, method_state=ms)
     return out, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = TaskWeighting(init_fn, update_fn)
+  tx.rule = rule
+  tx.num_tasks = num_tasks
+  return tx
 
 
 def loss_weighting(
@@ -515,3 +553,98 @@ def loss_weighting(
     return next_weights(stats.weights, stats.losses, stats.mask, stats.key, stats.count), state
   return task_weighting(Rule(name=name, coefficients=coefficients, init_weights=init_weights,
                              needs_losses=needs_losses, needs_key=needs_key), num_tasks)
+
+
+class CombinedState(NamedTuple):
+  """State of :func:`combine`: each part's state and its last coefficients.
+
+  Attributes:
+    loss_weights: ``[N]`` the loss weighting's last weights ``lambda``.
+    loss_state: the loss weighting's own state.
+    gradient_coefficients: ``[N]`` the gradient method's last coefficients
+      ``c'`` on the weighted task gradients ``lambda_i g_i``.
+    gradient_state: the gradient method's own state.
+  """
+  loss_weights: Array
+  loss_state: Any
+  gradient_coefficients: Array
+  gradient_state: Any
+
+
+def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> TaskWeighting:
+  """A loss weighting followed by a gradient method (RLW paper, Table 4).
+
+  The loss weighting chooses ``lambda`` from the step's statistics; the
+  gradient method then balances the gradients of the weighted losses,
+  ``lambda_i g_i``, whose Gram matrix is ``lambda_i lambda_j G_ij``: with its
+  coefficients ``c'`` the update is ``sum_i c'_i lambda_i g_i``, so the
+  combined coefficients are ``c = lambda * c'``. E.g. RLW + CAGrad::
+
+    tx = ldro.combine(ldro.random_loss_weighting(5), ldro.cagrad(5))
+
+  Args:
+    loss_weighting_tx: a method that needs no Gram matrix (e.g. RLW, UW,
+      DWA, static mixing, DRO).
+    gradient_tx: any task-weighting method (e.g. PCGrad, CAGrad, MGDA).
+
+  Returns:
+    The combined transformation (Jacobian and lean mode as the gradient
+    method supports them).
+  """
+  for tx in (loss_weighting_tx, gradient_tx):
+    if not isinstance(tx, TaskWeighting):
+      raise TypeError("combine: both parts must be ldro task-weighting transformations (built "
+                      f"by ldro.get_method or a method factory), got {type(tx).__name__}.")
+  lw, gm = loss_weighting_tx.rule, gradient_tx.rule
+  name = f"{lw.name}+{gm.name}"
+  if lw.needs_gram or lw.aggregate is not None:
+    raise ValueError(f"combine: the first part must be a loss weighting (no Gram matrix, "
+                     f"coefficients only); {lw.name} is not.")
+  n_lw, n_gm = loss_weighting_tx.num_tasks, gradient_tx.num_tasks
+  if is_static(n_lw) and is_static(n_gm) and int(n_lw) != int(n_gm):
+    raise ValueError(f"combine: the parts have different numbers of tasks ({n_lw} and {n_gm}).")
+
+  def init_state(n):
+    w_lw = uniform(n) if lw.init_weights is None else jnp.asarray(lw.init_weights(n), jnp.float32)
+    w_gm = uniform(n) if gm.init_weights is None else jnp.asarray(gm.init_weights(n), jnp.float32)
+    return CombinedState(loss_weights=w_lw, loss_state=lw.init_state(n),
+                         gradient_coefficients=w_gm, gradient_state=gm.init_state(n))
+
+  def split(stats: TaskStats, state: CombinedState):
+    # Independent randomness for the two parts (e.g. RLW's draw and PCGrad's orders).
+    keys = (None, None) if stats.key is None else (jax.random.fold_in(stats.key, 0),
+                                                    jax.random.fold_in(stats.key, 1))
+    lam, ls = lw.coefficients(stats._replace(weights=state.loss_weights, gram=None, key=keys[0]),
+                              state.loss_state)
+    lam = jnp.asarray(lam, jnp.float32)
+    inner = stats._replace(
+        weights=state.gradient_coefficients, key=keys[1],
+        losses=None if stats.losses is None else lam * stats.losses,
+        gram=None if stats.gram is None else stats.gram * lam[:, None] * lam[None, :])
+    return lam, ls, inner
+
+  def coefficients(stats: TaskStats, state: CombinedState):
+    lam, ls, inner = split(stats, state)
+    c, gs = gm.coefficients(inner, state.gradient_state)
+    return lam * c, CombinedState(lam, ls, jnp.asarray(c, jnp.float32), gs)
+
+  def aggregate(task_grads, stats: TaskStats, state: CombinedState):
+    lam, ls, inner = split(stats, state)
+    scaled = jax.tree_util.tree_map(
+        lambda g: g * lam.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1)), task_grads)
+    out, c, gs = gm.aggregate(scaled, inner, state.gradient_state)
+    return out, lam * c, CombinedState(lam, ls, jnp.asarray(c, jnp.float32), gs)
+
+  rule = Rule(
+      name=name,
+      coefficients=coefficients if gm.aggregate is None else None,
+      aggregate=aggregate if gm.aggregate is not None else None,
+      init_state=init_state,
+      needs_losses=lw.needs_losses or gm.needs_losses,
+      needs_gram=gm.needs_gram,
+      needs_key=lw.needs_key or gm.needs_key,
+      refresh_every=gm.refresh_every,
+      lean=lw.lean and gm.lean,
+      lean_hint=gm.lean_hint or lw.lean_hint,
+      gram_filter=gm.gram_filter)
+  return task_weighting(rule, n_gm)

@@ -33,11 +33,17 @@ for _fn in (optax.sgd, optax.adam, optax.adamw, optax.adafactor, optax.clip_by_g
 @gin.configurable
 def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
            baseline_losses: Optional[Sequence[float]] = None, name: str = gin.REQUIRED,
-           hparams: Optional[dict] = None) -> optax.GradientTransformationExtraArgs:
+           hparams: Optional[dict] = None, loss_weighting: Optional[str] = None,
+           loss_weighting_hparams: Optional[dict] = None) -> optax.GradientTransformationExtraArgs:
   """The task-weighting transformation chosen by registry ``name``.
 
   The runner supplies what only the data knows (``num_tasks``, ``task_sizes``,
   ``baseline_losses``); each is passed only if the method's factory takes it.
+  ``loss_weighting`` combines a loss weighting with the method
+  (:func:`ldro.combine`, the RLW paper's Table 4), e.g. in gin::
+
+      include 'gin_configs/methods/cagrad.gin'
+      method.loss_weighting = 'rlw'
 
   Args:
     num_tasks: ``N``.
@@ -45,17 +51,29 @@ def method(num_tasks: int, task_sizes: Optional[Sequence[float]] = None,
     baseline_losses: per-task baselines (for ``baselined_dro``).
     name: registry name (``ldro.method_names()``).
     hparams: the method's hyper-parameters.
+    loss_weighting: optional registry name of a loss weighting applied first.
+    loss_weighting_hparams: its hyper-parameters.
 
   Returns:
     The transformation.
   """
+  tx = _build(name, "method", hparams, num_tasks, task_sizes, baseline_losses)
+  if loss_weighting is None:
+    return tx
+  lw = _build(loss_weighting, "method.loss_weighting", loss_weighting_hparams, num_tasks,
+              task_sizes, baseline_losses)
+  return ldro.combine(lw, tx)
+
+
+def _build(name, binding, hparams, num_tasks, task_sizes, baseline_losses):
+  """One registered method from its name, hyper-parameters and the data's arguments."""
   hparams = dict(hparams or {})
   if "num_tasks" in hparams and int(hparams["num_tasks"]) != int(num_tasks):
     raise ValueError(f"method.hparams sets num_tasks={hparams['num_tasks']}, but the experiment "
                      f"has {num_tasks} tasks (leave num_tasks out; the runner supplies it).")
   known = ldro.method_names()
   if name not in known:
-    raise ValueError(f"unknown method {name!r} in the config (method.name); known methods: "
+    raise ValueError(f"unknown method {name!r} in the config ({binding}.name); known methods: "
                      f"{', '.join(known)}.")
   factory = ldro.method_info(name).factory
   params = inspect.signature(factory).parameters
