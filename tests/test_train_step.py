@@ -63,3 +63,22 @@ def test_modes_and_strategies_train_alike(method, kw):
                                                          err_msg=label), p, ref_params)
     np.testing.assert_allclose(w, ref_w, rtol=tol, atol=w_atol, err_msg=label)
   assert not np.allclose(ref_w, 1.0 / N)  # the weights did move
+
+
+def test_gram_method_in_lean_mode_with_gradient_reuse():
+  # A method that needs the Gram matrix every step (PCGrad) takes it, and its
+  # update, from the train step's task_grads_fn in lean mode, as in Jacobian mode.
+  params, batch, task_loss, losses_fn = _problem()
+  out = {}
+  for mode, reuse in (("jacobian", None), ("lean", True), ("lean", False)):
+    tx = optax.chain(ldro.pcgrad(N), optax.sgd(0.1))
+    step = jax.jit(ldro_train.make_train_step(task_loss, tx, mode=mode, losses_fn=losses_fn,
+                                              reuse_refresh_grads=reuse))
+    state = ldro_train.init_train_state(params, tx, jax.random.key(0))
+    for _ in range(3):
+      state, metrics = step(state, batch)
+      assert bool(metrics["finite"])
+    out[(mode, reuse)] = state.params["w"]
+  for key, w in out.items():
+    np.testing.assert_allclose(w, out[("jacobian", None)], rtol=1e-5, atol=1e-7,
+                               err_msg=str(key))
