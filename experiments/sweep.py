@@ -15,6 +15,7 @@ an out-of-memory kill then only ends that run). Per run directory:
 * ``run.json``: run name, method label (used by :mod:`experiments.pareto` to
   group runs), seed, gin file and bindings;
 * ``train.log``: the runner's output (subprocess mode);
+* ``wall_clock.json``: the run's wall-clock seconds, summed over attempts;
 * ``DONE``: written after success, holding the command. Runs with ``DONE``
   are skipped; runs without it are (re)started with the same command and
   the runner resumes from its last checkpoint (``keep_checkpoints=1``).
@@ -140,6 +141,57 @@ def _renorm_sweep() -> list[Run]:
   return runs
 
 
+# ---------------------------------------------------------------- CIFAR-10 regime study
+# (results/cifar10_regime, issue 15): a narrow CNN trained until the equal-weights model's
+# per-task training losses plateau (gin_configs/cifar10_regime/base.gin). Runs are listed
+# most informative first, so that a sweep cut short has the runs that matter most.
+REGIME_DIR = "gin_configs/cifar10_regime"
+HARD_TASK_FILE = f"{REGIME_DIR}/hard_task.gin"
+#: The first runs of every regime grid: equal weights, DRO at two rates, L-DRO at the
+#: method file's default (eta 1e-3, lambda 1e-2) and eta 1e-2, PCGrad, avg/max.
+REGIME_CORE = ("static", "dro-eta1e-2", "ldro-eta1e-3-lam1e-2", "pcgrad", "dro-eta1e-1",
+               "ldro-eta1e-2-lam1e-2", "avg_max")
+
+
+def regime_grid(extra_files: Sequence[str] = (), extra: Sequence[str] = (),
+                core_only: bool = False) -> list[Run]:
+  """The paper's grid (static, DRO x5, L-DRO 3x3, PCGrad, avg/max; no RLW/RGW) on the
+  regime base, core runs first (:data:`REGIME_CORE`).
+
+  Args:
+    extra_files: gin files after the method file (e.g. the hard-task variant).
+    extra: bindings added to every run.
+    core_only: only the :data:`REGIME_CORE` runs.
+  """
+  runs = [r for r in method_grid(REGIME_DIR, extra) if r.name not in ("rlw", "rgw")]
+  runs = [dataclasses.replace(r, gin_files=r.gin_files + tuple(extra_files)) for r in runs]
+  by_name = {r.name: r for r in runs}
+  core = [by_name[n] for n in REGIME_CORE]
+  return core if core_only else core + [r for r in runs if r.name not in REGIME_CORE]
+
+
+def _regime_ablations() -> list[Run]:
+  """App. A.1 (T in 10/100/1000), A.2 (no renormalisation at T = 1000) and B.3 (the
+  paper's small CNN, i.e. 4x larger than the regime's, and the large CNN), each at two
+  L-DRO settings plus the baselines they are compared with."""
+  base, ldro_file = f"{REGIME_DIR}/base.gin", method_file("ldro")
+  settings = (("1e-3", "1e-2"), ("1e-2", "1e-2"))
+  runs = []
+  for t in (10, 1000):  # T = 100 is the main grid
+    runs += [Run(f"ldro_T{t}-eta{e}-lam{l}", (base, ldro_file),
+                 (f"WEIGHT_LR = {e}", f"LOOKAHEAD_LR = {l}", f"UPDATE_EVERY = {t}"), f"ldro_T{t}")
+             for e, l in settings]
+  runs += [Run(f"ldro_norenorm_T1000-eta{e}-lam{l}", (base, ldro_file),
+               (f"WEIGHT_LR = {e}", f"LOOKAHEAD_LR = {l}", "UPDATE_EVERY = 1000",
+                "NORMALIZE = False"), "ldro_norenorm_T1000") for e, l in settings]
+  for size, file in (("paper_small", f"{REGIME_DIR}/paper_small_cnn.gin"),
+                     ("large", f"{REGIME_DIR}/large_cnn.gin")):
+    runs += [Run(f"{size}-{r.name}", r.gin_files + (file,), r.bindings, f"{size}_{r.label}")
+             for r in regime_grid(core_only=True)
+             if r.name in ("static", "dro-eta1e-2", "ldro-eta1e-3-lam1e-2", "pcgrad")]
+  return runs
+
+
 def _synthetic_sweep() -> list[Run]:
   return [Run(m, (f"gin_configs/synthetic/{m}.gin",)) for m in ("avg", "dro", "ldro")]
 
@@ -156,6 +208,14 @@ SWEEPS: dict[str, Callable[[], list[Run]]] = {
     # App. B.3: all methods with the larger CNN: 19 runs.
     "cifar100_large": lambda: method_grid(
         "gin_configs/cifar100", ["include 'gin_configs/cifar100/large_cnn.gin'"]),
+    # CIFAR-10 regime study (results/cifar10_regime): 7 core runs, then the rest: 17 runs.
+    "cifar10_regime_core": lambda: regime_grid(core_only=True),
+    "cifar10_regime": regime_grid,
+    # The same with one task made much harder (40% of cat/dog's labels flipped; section 2.3).
+    "cifar10_hard_task_core": lambda: regime_grid([HARD_TASK_FILE], core_only=True),
+    "cifar10_hard_task": lambda: regime_grid([HARD_TASK_FILE]),
+    # Ablations in the regime: T = 10 / 1000, no renormalisation at 1000, larger CNNs: 14 runs.
+    "cifar10_regime_ablations": _regime_ablations,
     # The 2-D proof of concept (section 4), handy for smoke tests: 3 runs.
     "synthetic": _synthetic_sweep,
 }
@@ -295,6 +355,7 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
         error = f"exit status {proc.returncode}; " + _last_error_line(
             os.path.join(workdir, "train.log"))
     took = time.time() - t0
+    _add_wall_clock(workdir, took, error is None)
     if error is None:
       with open(os.path.join(workdir, "DONE"), "w", encoding="utf-8") as f:
         f.write(cmd_str + "\n")
@@ -304,6 +365,23 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       say(f"{head}: FAILED after {took:.0f}s: {error}")
       results[key] = "failed"
   return results
+
+
+def _add_wall_clock(workdir: str, seconds: float, finished: bool) -> None:
+  """Adds one attempt's wall-clock to ``<workdir>/wall_clock.json`` (summed over resumes)."""
+  path = os.path.join(workdir, "wall_clock.json")
+  info = {"wall_s": 0.0, "attempts": 0}
+  try:
+    with open(path, encoding="utf-8") as f:
+      info.update(json.load(f))
+  except (OSError, ValueError):
+    pass
+  info["wall_s"] = round(float(info["wall_s"]) + seconds, 1)
+  info["attempts"] = int(info["attempts"]) + 1
+  info["finished"] = bool(finished)
+  info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(info, f)
 
 
 def _last_error_line(log_path: str) -> str:

@@ -131,6 +131,97 @@ def grouped_cross_entropy(model: Any, params: PyTree, batch: PyTree):
   return losses, {"accuracy": acc}
 
 
+def build_model(model: str, num_classes: int, conv_impl: str = "auto",
+                model_kwargs: Optional[dict] = None):
+  """The CNN ``MODELS[model]`` with optional field overrides (e.g. ``{'features': 8}``).
+
+  Raises:
+    ValueError: unknown model or field.
+  """
+  if model not in MODELS:
+    raise ValueError(f"unknown model {model!r} (ImageClassificationExperiment.model); known: "
+                     f"{', '.join(MODELS)}.")
+  kwargs = dict(model_kwargs or {})
+  allowed = ("features", "num_conv", "mlp_width", "mlp_layers")
+  bad = sorted(set(kwargs) - set(allowed))
+  if bad:
+    raise ValueError(f"unknown CNN field(s) {bad} (ImageClassificationExperiment.model_kwargs); "
+                     f"known: {', '.join(allowed)}.")
+  return MODELS[model](num_classes=num_classes, conv_impl=conv_impl, **kwargs)
+
+
+def apply_label_noise(data: images_lib.TaskImageData, label_noise: Optional[dict],
+                      seed: int) -> images_lib.TaskImageData:
+  """``data`` with ``label_noise = {'task': i, 'fraction': f}`` applied (None: unchanged).
+
+  ``task`` may be an index or a task name (e.g. ``'cat/dog'``); see
+  :func:`ldro.data.images.flip_task_labels`.
+
+  Raises:
+    ValueError: malformed ``label_noise`` or an unknown task.
+  """
+  if not label_noise:
+    return data
+  where = "(ImageClassificationExperiment.label_noise)"
+  if not isinstance(label_noise, dict) or set(label_noise) != {"task", "fraction"}:
+    raise ValueError(f"label_noise must be {{'task': ..., 'fraction': ...}}, got {label_noise!r} "
+                     f"{where}.")
+  task = label_noise["task"]
+  if isinstance(task, str):
+    if task not in data.task_names:
+      raise ValueError(f"label_noise task {task!r} unknown; tasks: {data.task_names} {where}.")
+    task = data.task_names.index(task)
+  try:
+    return images_lib.flip_task_labels(data, int(task), float(label_noise["fraction"]), seed)
+  except ValueError as e:
+    raise ValueError(f"{e} {where}") from None
+
+
+def task_cross_entropy(model: Any, params: PyTree, task_batch: PyTree):
+  """Mean cross-entropy of one task's examples under the shared softmax.
+
+  The loss of :meth:`ImageClassificationExperiment.task_loss`, as a function of
+  the model (reused by ``experiments.benchmark``).
+
+  Args:
+    model: the Flax CNN (e.g. ``MODELS['small'](num_classes=100)``).
+    params: its variables.
+    task_batch: ``{'image': [b, H, W, C] float32, 'label': [b] int32}``
+      (global class ids).
+
+  Returns:
+    ``(loss, {'accuracy': train accuracy on the slice})``.
+  """
+  logits = model.apply(params, task_batch["image"]).astype(jnp.float32)
+  labels = task_batch["label"]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+  return loss, {"accuracy": acc}
+
+
+def grouped_cross_entropy(model: Any, params: PyTree, batch: PyTree):
+  """All task losses of a grouped batch from one model application.
+
+  The losses of :meth:`ImageClassificationExperiment.grouped_losses`, as a
+  function of the model (reused by ``experiments.benchmark``); equal to
+  ``vmap`` of :func:`task_cross_entropy` over the task axis.
+
+  Args:
+    model: the Flax CNN.
+    params: its variables.
+    batch: ``{'image': [N, b, H, W, C], 'label': [N, b]}``.
+
+  Returns:
+    ``(losses [N], {'accuracy': [N]})``.
+  """
+  images, labels = batch["image"], batch["label"]
+  logits = model.apply(params, images.reshape((-1,) + images.shape[2:]))
+  logits = logits.astype(jnp.float32).reshape(labels.shape + logits.shape[-1:])
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=1)
+  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
+  return losses, {"accuracy": acc}
+
+
 @gin.configurable
 class ImageClassificationExperiment(experiment_lib.Experiment):
   """Multitask image classification with a shared softmax (paper section 5.1).
@@ -155,7 +246,8 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
                model: str = "small", batch_size: int = 128, seed: int = 0,
                eval_batch_size: int = 1000,
                pairs: Optional[Sequence[Sequence[str]]] = None, download: bool = True,
-               conv_impl: str = "auto"):
+               conv_impl: str = "auto", model_kwargs: Optional[dict] = None,
+               label_noise: Optional[dict] = None, train_eval_size: int = 0):
     """Loads the data and builds the model.
 
     Args:
@@ -175,6 +267,18 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
       conv_impl: the CNN's convolution/pooling kernels: ``'auto'`` (the
         CPU-tuned custom VJPs on CPU, XLA's own ops on GPU/TPU),
         ``'custom_vjp'`` or ``'xla'`` (:func:`ldro.models.cnn.resolve_conv_impl`).
+      model_kwargs: overrides of the CNN's fields (``features``,
+        ``num_conv``, ``mlp_width``, ``mlp_layers``), e.g. a narrower CNN
+        than the paper's (:func:`build_model`).
+      label_noise: ``{'task': i, 'fraction': f}``: flip a fraction ``f`` of
+        task ``i``'s training labels (deterministic per ``seed``; test labels
+        untouched), a task much harder than the others (paper section 2.3;
+        :func:`apply_label_noise`).
+      train_eval_size: if > 0, :meth:`evaluate` also reports per-task loss
+        and accuracy on a fixed subset of this many training examples per
+        task (``task_train_loss``, ``task_train_accuracy``; with
+        ``label_noise``, on the noisy labels the methods train on).
+
 
     Raises:
       FileNotFoundError: the data directory is missing.
@@ -193,12 +297,18 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     except ValueError as e:
       raise ValueError(f"{e} (ImageClassificationExperiment.conv_impl)") from None
     self.dataset = dataset
-    self.data = load_task_data(dataset, data_dir, pairs, download)
+    self.data = apply_label_noise(load_task_data(dataset, data_dir, pairs, download),
+                                  label_noise, int(seed))
     self.task_names = list(self.data.task_names)
     self.batcher = images_lib.GroupedBatcher(self.data, int(batch_size), int(seed))
     self.steps_per_epoch = self.batcher.steps_per_epoch
-    self.model = MODELS[model](num_classes=self.data.num_classes, conv_impl=conv_impl)
+    self.model = build_model(model, self.data.num_classes, conv_impl, model_kwargs)
     self.eval_batch_size = int(eval_batch_size)
+    if int(train_eval_size) < 0:
+      raise ValueError(f"train_eval_size must be >= 0, got {train_eval_size} "
+                       "(ImageClassificationExperiment.train_eval_size).")
+    self._train_eval = (images_lib.train_subset(self.data, int(train_eval_size))
+                        if int(train_eval_size) > 0 else None)
     self._image_shape = tuple(self.data.train_images.shape[1:])
     self._eval_batch = jax.jit(self._eval_counts)
 
@@ -266,12 +376,24 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
       ``{'task_accuracy': [N], 'task_test_loss': [N]}`` (accuracy of the
       argmax over all classes; mean cross-entropy).
     """
+    acc, loss = self._accuracy_and_loss(
+        params, images_lib.eval_batches(self.data, "test", self.eval_batch_size))
+    out = {"task_accuracy": acc, "task_test_loss": loss}
+    if self._train_eval is not None:
+      sub = self._train_eval
+      batches = ({"image": images_lib.normalize_images(sub["image"][i:i + self.eval_batch_size]),
+                  "label": sub["label"][i:i + self.eval_batch_size],
+                  "task": sub["task"][i:i + self.eval_batch_size]}
+                 for i in range(0, len(sub["label"]), self.eval_batch_size))
+      out["task_train_accuracy"], out["task_train_loss"] = self._accuracy_and_loss(params, batches)
+    return out
+
+  def _accuracy_and_loss(self, params: PyTree, batches) -> tuple[list[float], list[float]]:
     n = self.num_tasks
     correct, loss, count = np.zeros(n), np.zeros(n), np.zeros(n)
-    for b in images_lib.eval_batches(self.data, "test", self.eval_batch_size):
+    for b in batches:
       c, l, k = jax.device_get(self._eval_batch(params, b["image"], b["label"], b["task"]))
       correct += c
       loss += l
       count += k
-    return {"task_accuracy": [float(x) for x in correct / count],
-            "task_test_loss": [float(x) for x in loss / count]}
+    return [float(x) for x in correct / count], [float(x) for x in loss / count]

@@ -42,6 +42,8 @@ __all__ = [
     "load_imagefolder_pair_tasks",
     "GroupedBatcher",
     "eval_batches",
+    "flip_task_labels",
+    "train_subset",
 ]
 
 DEFAULT_CIFAR10_PAIRS: tuple[tuple[str, str], ...] = (
@@ -474,3 +476,82 @@ def eval_batches(data: TaskImageData, split: str = "test",
     sl = slice(start, start + batch_size)
     yield {"image": normalize_images(images[sl]), "label": labels[sl],
            "task": tasks[sl]}
+
+
+# --------------------------------------------------------------------------
+# Controlled difficulty and training-set evaluation (results/cifar10_regime).
+# --------------------------------------------------------------------------
+
+
+def flip_task_labels(data: TaskImageData, task: int, fraction: float,
+                     seed: int) -> TaskImageData:
+  """Returns a copy of `data` with a fraction of one task's training labels flipped.
+
+  Exactly `round(fraction * n_task)` training examples of `task`, chosen by
+  `np.random.default_rng((seed, task, 0x1ab31))` (deterministic per seed),
+  get another class of the same task (uniformly among the task's other
+  classes; for a two-class pair task, the other class of the pair). Test
+  labels are untouched. The task's training loss then has a floor (with a
+  binary task and fraction `f < 0.5`, the noisy-label cross-entropy is at
+  least the binary entropy `H(f)`), the "much harder task" of the paper's
+  section 2.3.
+
+  Args:
+    data: the multitask data (not modified).
+    task: index of the task to corrupt.
+    fraction: share of its training examples to flip, in [0, 1].
+    seed: seed of the choice.
+
+  Returns:
+    A new `TaskImageData` (images shared with `data`, labels copied).
+
+  Raises:
+    ValueError: task out of range, fraction outside [0, 1], or a task with
+      a single class (nothing to flip to).
+  """
+  task, fraction = int(task), float(fraction)
+  if not 0 <= task < data.num_tasks:
+    raise ValueError(f"label noise task {task} out of range: {data.num_tasks} tasks.")
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"label noise fraction must lie in [0, 1], got {fraction}.")
+  idx = np.flatnonzero(data.train_tasks == task)
+  classes = np.unique(data.train_labels[idx])
+  if len(classes) < 2:
+    raise ValueError(f"task {data.task_names[task]!r} has one class; no label to flip to.")
+  rng = np.random.default_rng((int(seed), task, 0x1ab31))
+  chosen = rng.choice(idx, size=int(round(fraction * len(idx))), replace=False)
+  labels = data.train_labels.copy()
+  old = labels[chosen]
+  # Shift each chosen label by 1..k-1 positions among the task's k classes.
+  pos = np.searchsorted(classes, old)
+  shift = rng.integers(1, len(classes), size=len(chosen))
+  labels[chosen] = classes[(pos + shift) % len(classes)]
+  return dataclasses.replace(data, train_labels=labels)
+
+
+def train_subset(data: TaskImageData, per_task: int,
+                 seed: int = 0) -> dict[str, np.ndarray]:
+  """A fixed subset of the training split, `per_task` examples of each task.
+
+  For measuring per-task training loss/accuracy on more than one batch (the
+  plateau of the training curves). Labels are those of `data` (after
+  `flip_task_labels`, the noisy ones: the objective the methods see).
+
+  Args:
+    data: the multitask data.
+    per_task: examples per task (fewer if a task has fewer).
+    seed: seed of the choice (`np.random.default_rng((seed, 0x7e5a))`).
+
+  Returns:
+    `{'image': uint8 [M, H, W, C], 'label': int32 [M], 'task': int32 [M]}`.
+  """
+  if per_task < 1:
+    raise ValueError(f"per_task must be >= 1, got {per_task}.")
+  rng = np.random.default_rng((int(seed), 0x7e5a))
+  index = []
+  for task in range(data.num_tasks):
+    idx = np.flatnonzero(data.train_tasks == task)
+    index.append(np.sort(rng.choice(idx, size=min(per_task, len(idx)), replace=False)))
+  index = np.concatenate(index)
+  return {"image": data.train_images[index], "label": data.train_labels[index],
+          "task": data.train_tasks[index]}

@@ -1,0 +1,322 @@
+r"""Seeded report of a CIFAR regime sweep: frontiers, claims with an uncertainty rule, curves.
+
+    python -m experiments.regime_report --root=results/cifar10_regime/runs/regime \
+        --out=results/cifar10_regime/regime --title="..."
+
+Reads ``<root>/<run>/seed<k>/{run.json,metrics.jsonl}`` (written by
+:mod:`experiments.sweep`; finished and unfinished runs alike, each unfinished
+one flagged in the report) and writes to ``--out``:
+
+* ``pareto.{png,md,json}``: :mod:`experiments.pareto`'s frontiers, pooled and
+  per seed (paper Figures 3 and 6);
+* ``report.md`` / ``report.json``: per method and seed the frontier
+  hypervolume, best worst-task and best average accuracy, and the claims
+  below, each with a verdict by :func:`paired_verdict`;
+* ``curves.png``: per-task training loss (on the fixed training subset,
+  ``task_train_loss``, when logged) and test accuracy over steps of the
+  ``--curve_runs`` runs (the plateau check);
+* ``weights.png``: task weights ``w`` over steps of the ``--weight_runs`` runs.
+
+**The uncertainty rule** (:func:`paired_verdict`): for a claim "A is better
+than B" with one paired difference ``d_s = A_s - B_s`` per seed, with ``n``
+seeds, mean ``m`` and standard error ``se = std(d, ddof=1) / sqrt(n)``: the
+claim **holds** if ``m > 2 se``, **does not hold** if ``m < -2 se``, and is
+**within noise** otherwise; with fewer than 2 seeds no verdict is given
+(``one seed``), only the difference. Seeds pair runs that share the data
+order and initialisation (the same ``SEED``).
+"""
+
+import json
+import math
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from experiments import pareto
+from experiments.runner import metrics_io
+from ldro import metrics as ldro_metrics
+
+#: (claim, metric, method A, method B): "A beats B on metric" (paper section 5.1, B.1).
+CLAIMS = (
+    ("L-DRO's frontier dominates static mixing's (hypervolume)", "hypervolume", "ldro", "static"),
+    ("L-DRO's frontier dominates DRO's (hypervolume)", "hypervolume", "ldro", "dro"),
+    ("L-DRO's frontier dominates PCGrad's (hypervolume)", "hypervolume", "ldro", "pcgrad"),
+    ("L-DRO's frontier dominates avg/max's (hypervolume)", "hypervolume", "ldro", "avg_max"),
+    ("L-DRO reaches DRO's worst-task accuracy (best worst acc, L-DRO - DRO >= 0)",
+     "best_worst", "ldro", "dro"),
+    ("L-DRO has higher average accuracy than DRO (best avg acc)", "best_average", "ldro", "dro"),
+    ("Regime: DRO's best worst-task accuracy exceeds static mixing's", "best_worst", "dro",
+     "static"),
+    ("Regime: static mixing's best average accuracy exceeds DRO's", "best_average", "static",
+     "dro"),
+    ("L-DRO's worst-task accuracy at matched average beats static mixing's",
+     "worst_at_matched", "ldro", "static"),
+    ("L-DRO's worst-task accuracy at matched average beats DRO's",
+     "worst_at_matched", "ldro", "dro"),
+)
+
+
+def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
+  """The verdict of the rule above for paired differences ``A - B`` (one per seed).
+
+  Returns:
+    ``(verdict, mean, standard error)``; verdict ``'holds'``, ``'does not
+    hold'``, ``'within noise'`` or ``'one seed'`` (fewer than 2 differences;
+    standard error NaN).
+  """
+  d = np.asarray(list(diffs), np.float64)
+  if d.size == 0:
+    return "no data", math.nan, math.nan
+  mean = float(d.mean())
+  if d.size < 2:
+    return "one seed", mean, math.nan
+  se = float(d.std(ddof=1) / math.sqrt(d.size))
+  if mean > 2 * se:
+    return "holds", mean, se
+  if mean < -2 * se:
+    return "does not hold", mean, se
+  return "within noise", mean, se
+
+
+def load_runs(root: str) -> list[dict]:
+  """Every ``<root>/<run>/seed<k>`` with its run.json fields, records and DONE flag."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"sweep root not found: {root!r}")
+  runs = []
+  for dirpath, _, filenames in sorted(os.walk(root)):
+    m = re.fullmatch(r"seed(\d+)", os.path.basename(dirpath))
+    if not m or "metrics.jsonl" not in filenames:
+      continue
+    info = {}
+    if "run.json" in filenames:
+      with open(os.path.join(dirpath, "run.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    name = os.path.relpath(os.path.dirname(dirpath), root)
+    records = metrics_io.read_metrics(os.path.join(dirpath, "metrics.jsonl"))
+    runs.append({"run": name, "method": info.get("method") or name.split("-", 1)[0],
+                 "seed": int(m.group(1)), "done": "DONE" in filenames, "dir": dirpath,
+                 "records": [r for r in records if "avg_accuracy" in r]})
+  if not runs:
+    raise FileNotFoundError(f"no <run>/seed<k>/metrics.jsonl under {root!r}")
+  return runs
+
+
+def _points(runs, method, seed=None):
+  return np.array([[r["avg_accuracy"], r["worst_accuracy"]] for run in runs
+                   if run["method"] == method and (seed is None or run["seed"] == seed)
+                   for r in run["records"]]).reshape(-1, 2)
+
+
+def build_report(root: str, reference: Sequence[float] = (0.0, 0.0)) -> dict:
+  """Per-method, per-seed frontier statistics and the claims' verdicts.
+
+  Statistics use every evaluation of every run of a method at that seed (the
+  paper's frontier "across epochs and hyper-parameter configurations").
+  ``worst_at_matched``: the best worst-task accuracy among a method's points
+  with average accuracy at least the lowest of the compared methods' best
+  averages at that seed (so both methods have an eligible point).
+  """
+  runs = load_runs(root)
+  methods = pareto._method_order(sorted({r["method"] for r in runs}))  # pylint: disable=protected-access
+  seeds = sorted({r["seed"] for r in runs})
+  stats = {}
+  for m in methods:
+    per = {}
+    for s in seeds:
+      p = _points(runs, m, s)
+      if len(p):
+        per[s] = {"hypervolume": ldro_metrics.hypervolume(p, reference),
+                  "best_worst": float(p[:, 1].max()), "best_average": float(p[:, 0].max())}
+    pooled = _points(runs, m)
+    stats[m] = {
+        "label": pareto.METHOD_LABELS.get(m, m),
+        "runs": sorted({r["run"] for r in runs if r["method"] == m}),
+        "unfinished": sorted(f"{r['run']}/seed{r['seed']}" for r in runs
+                             if r["method"] == m and not r["done"]),
+        "hypervolume_per_seed": {str(s): v["hypervolume"] for s, v in per.items()},
+        "best_worst_per_seed": {str(s): v["best_worst"] for s, v in per.items()},
+        "best_average_per_seed": {str(s): v["best_average"] for s, v in per.items()},
+        "hypervolume_pooled": ldro_metrics.hypervolume(pooled, reference),
+    }
+  claims = []
+  for text, metric, a, b in CLAIMS:
+    if a not in stats or b not in stats:
+      continue
+    diffs = {}
+    for s in seeds:
+      pa, pb = _points(runs, a, s), _points(runs, b, s)
+      if not len(pa) or not len(pb):
+        continue
+      if metric == "worst_at_matched":
+        level = min(pa[:, 0].max(), pb[:, 0].max())
+        diffs[s] = (ldro_metrics.best_worst_at_average(pa, level) -
+                    ldro_metrics.best_worst_at_average(pb, level))
+      else:
+        key = {"hypervolume": "hypervolume_per_seed", "best_worst": "best_worst_per_seed",
+               "best_average": "best_average_per_seed"}[metric]
+        diffs[s] = stats[a][key][str(s)] - stats[b][key][str(s)]
+    verdict, mean, se = paired_verdict(list(diffs.values()))
+    claims.append({"claim": text, "metric": metric, "a": a, "b": b,
+                   "diffs": {str(k): float(v) for k, v in diffs.items()},
+                   "mean": mean, "se": se, "verdict": verdict})
+  return {"root": root, "seeds": seeds, "methods": stats, "claims": claims,
+          "rule": "paired difference over seeds: holds if mean > 2 SE, does not hold if "
+                  "mean < -2 SE, else within noise; one seed: no verdict",
+          "runs": [{k: r[k] for k in ("run", "method", "seed", "done")} |
+                   {"last_step": r["records"][-1]["step"] if r["records"] else None}
+                   for r in runs]}
+
+
+def _fmt(x, scale=100.0, digits=2):
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else \
+      f"{scale * x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+  """The report as markdown: per-method table (mean ± SE over seeds) and the claims."""
+  seeds = report["seeds"]
+  lines = [f"Seeds: {', '.join(map(str, seeds))}. Rule: {report['rule']}.", "",
+           "| method | runs | hypervolume per seed | hypervolume mean ± SE | best worst acc "
+           "mean ± SE (%) | best avg acc mean ± SE (%) | unfinished |",
+           "|---|---|---|---|---|---|---|"]
+
+  def mse(d, scale=1.0, digits=4):
+    v = np.array(list(d.values()), np.float64)
+    if v.size == 0:
+      return "n/a"
+    if v.size == 1:
+      return f"{scale * v[0]:.{digits}f}"
+    return f"{scale * v.mean():.{digits}f} ± {scale * v.std(ddof=1) / math.sqrt(v.size):.{digits}f}"
+
+  for m, s in report["methods"].items():
+    per = " / ".join(f"{s['hypervolume_per_seed'][str(k)]:.4f}" if str(k) in
+                     s["hypervolume_per_seed"] else "-" for k in seeds)
+    lines.append(f"| {s['label']} | {len(s['runs'])} | {per} | {mse(s['hypervolume_per_seed'])} | "
+                 f"{mse(s['best_worst_per_seed'], 100, 2)} | "
+                 f"{mse(s['best_average_per_seed'], 100, 2)} | {len(s['unfinished'])} |")
+  lines += ["", "| claim | paired differences per seed | mean ± SE | verdict |",
+            "|---|---|---|---|"]
+  for c in report["claims"]:
+    scale = 1.0 if c["metric"] == "hypervolume" else 100.0
+    digits = 4 if c["metric"] == "hypervolume" else 2
+    d = ", ".join(f"s{k}: {scale * v:+.{digits}f}" for k, v in c["diffs"].items())
+    se = "" if math.isnan(c["se"]) else f" ± {scale * c['se']:.{digits}f}"
+    lines.append(f"| {c['claim']} | {d} | {scale * c['mean']:+.{digits}f}{se} | "
+                 f"**{c['verdict']}** |")
+  lines.append("")
+  lines.append("(hypervolume in accuracy fractions; accuracy differences in points.)")
+  return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: Sequence[dict], names: Sequence[str], path: str,
+                title: Optional[str] = None) -> bool:
+  """Per-task training loss (fixed training subset) and test accuracy over steps."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sel = [r for r in runs if r["run"] in names and r["records"]]
+  if not sel:
+    return False
+  fig, axes = plt.subplots(len(sel), 2, figsize=(12, 3.6 * len(sel)), squeeze=False)
+  for row, run in zip(axes, sel):
+    recs = run["records"]
+    steps = [r["step"] for r in recs]
+    key = "task_train_loss" if "task_train_loss" in recs[-1] else "train_task_losses"
+    for t in range(len(recs[-1]["task_accuracy"])):
+      pts = [(r["step"], r[key][t]) for r in recs if key in r]
+      row[0].plot([p[0] for p in pts], [p[1] for p in pts], label=f"task {t}")
+      row[1].plot(steps, [r["task_accuracy"][t] for r in recs], label=f"task {t}")
+    row[0].set_ylabel(f"{run['run']} seed{run['seed']}\ntraining loss ({key})")
+    row[1].set_ylabel("test accuracy")
+    for ax in row:
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3)
+    row[0].set_yscale("log")
+    row[1].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def plot_weights(runs: Sequence[dict], names: Sequence[str], path: str,
+                 title: Optional[str] = None) -> bool:
+  """Task weights ``w`` over steps (one panel per run x seed)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sel = [r for r in runs if r["run"] in names and r["records"]]
+  if not sel:
+    return False
+  cols = min(3, len(sel))
+  rows = -(-len(sel) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+  for ax, run in zip(axes.flat, sel):
+    recs = [r for r in run["records"] if "task_weights" in r]
+    w = np.array([r["task_weights"] for r in recs])
+    for t in range(w.shape[1]):
+      ax.plot([r["step"] for r in recs], w[:, t], label=f"task {t}")
+    ax.set_title(f"{run['run']} seed{run['seed']}", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("w")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(sel):]:
+    ax.axis("off")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def write_outputs(root: str, out: str, curve_runs: Sequence[str] = ("static",),
+                  weight_runs: Sequence[str] = (), title: Optional[str] = None) -> dict:
+  """Writes pareto.*, report.{md,json}, curves.png and weights.png to ``out``."""
+  os.makedirs(out, exist_ok=True)
+  pareto.write_outputs(root, out, title=title)
+  report = build_report(root)
+  with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(report))
+  runs = load_runs(root)
+  plot_curves(runs, curve_runs, os.path.join(out, "curves.png"), title)
+  if weight_runs:
+    plot_weights(runs, weight_runs, os.path.join(out, "weights.png"), title)
+  return report
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("root", None, "Sweep root (<run>/seed<k>/metrics.jsonl).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_list("curve_runs", ["static"], "Runs whose per-task curves to plot.")
+  flags.DEFINE_list("weight_runs", [], "Runs whose task weights to plot.")
+  flags.DEFINE_string("title", None, "Figure title.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  try:
+    if not f.root or not f.out:
+      raise ValueError("--root and --out are required.")
+    report = write_outputs(f.root, f.out, f.curve_runs, f.weight_runs, f.title)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(markdown(report))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

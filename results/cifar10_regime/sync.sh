@@ -1,0 +1,23 @@
+#!/bin/bash
+# Copies the small files of every finished run (DONE) of the regime study from workdirs/ into
+# results/cifar10_regime/runs/<sweep>/<run>/seed<k>/ (no checkpoints, logs or TensorBoard
+# events), then regenerates the reports. Commit with:
+#   git add results/cifar10_regime && git commit -m '...' -- results/cifar10_regime
+set -eu
+cd "$(dirname "$0")/../.."
+W=workdirs/cifar10_regime
+R=results/cifar10_regime/runs
+n=0
+for sweep in regime hard_task ablations; do
+  [ -d $W/$sweep ] || continue
+  for done in $W/$sweep/*/seed*/DONE; do
+    [ -f "$done" ] || continue
+    d=$(dirname "$done"); rel=${d#$W/$sweep/}
+    mkdir -p $R/$sweep/$rel
+    for f in metrics.jsonl run.json command.txt config.gin wall_clock.json DONE; do
+      [ -f $d/$f ] && cp $d/$f $R/$sweep/$rel/
+    done
+    n=$((n + 1))
+  done
+done
+echo "$n finished runs in $R"
