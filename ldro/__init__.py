@@ -13,6 +13,17 @@ from ldro.game import maxent_nash
 from ldro.game import maxent_nash_with_info
 from ldro.game import NashInfo
 from ldro.game import update_weights
+from ldro.gradient_balancing import aligned_mtl
+from ldro.gradient_balancing import aligned_mtl_coefficients
+from ldro.gradient_balancing import cagrad
+from ldro.gradient_balancing import cagrad_coefficients
+from ldro.gradient_balancing import imtl_g
+from ldro.gradient_balancing import imtl_g_coefficients
+from ldro.gradient_balancing import mgda
+from ldro.gradient_balancing import mgda_coefficients
+from ldro.gradient_balancing import SolverInfo
+from ldro.gradient_balancing import upgrad
+from ldro.gradient_balancing import upgrad_coefficients
 from ldro.lookahead import chunked_gram
 from ldro.lookahead import compute_gram
 from ldro.lookahead import GRAM_STRATEGIES
@@ -50,9 +61,13 @@ from ldro import train  # make_train_step, make_plain_step, TrainState (ldro.tra
 __version__ = "0.1.0"
 
 __all__ = (
+    "aligned_mtl",
+    "aligned_mtl_coefficients",
     "avg_max_interpolation",
     "baselined_dro",
     "best_response",
+    "cagrad",
+    "cagrad_coefficients",
     "chunked_gram",
     "combine",
     "compute_gram",
@@ -62,6 +77,8 @@ __all__ = (
     "GRAM_STRATEGIES",
     "group_dro",
     "grouped_gram",
+    "imtl_g",
+    "imtl_g_coefficients",
     "interaction_matrix",
     "jacrev_gram",
     "ldro_weights",
@@ -72,6 +89,8 @@ __all__ = (
     "method_info",
     "method_names",
     "MethodInfo",
+    "mgda",
+    "mgda_coefficients",
     "mixing_weights",
     "NashInfo",
     "pairwise_gram",
@@ -82,6 +101,7 @@ __all__ = (
     "random_loss_weighting",
     "register_method",
     "sample_random_weights",
+    "SolverInfo",
     "static_mixing",
     "task_gram",
     "Rule",
@@ -89,6 +109,8 @@ __all__ = (
     "task_weights",
     "TaskStats",
     "TaskWeighting",
+    "upgrad",
+    "upgrad_coefficients",
     "WeightingState",
     "train",
     "update_weights",
