@@ -4,6 +4,9 @@ Paper: "Balancing Average and Worst-case Accuracy in Multitask Learning"
 (Lookahead-DRO). Core modules are pure JAX; see the README for usage.
 """
 
+from ldro.bargaining import nash_mtl
+from ldro.bargaining import nash_mtl_solve
+from ldro.bargaining import NashMTLState
 from ldro.dro import avg_max_interpolation
 from ldro.dro import baselined_dro
 from ldro.dro import group_dro
@@ -24,6 +27,9 @@ from ldro.gradient_balancing import mgda_coefficients
 from ldro.gradient_balancing import SolverInfo
 from ldro.gradient_balancing import upgrad
 from ldro.gradient_balancing import upgrad_coefficients
+from ldro.gradient_vaccine import gradvac
+from ldro.gradient_vaccine import gradvac_coefficients
+from ldro.gradient_vaccine import GradVacState
 from ldro.lookahead import chunked_gram
 from ldro.lookahead import compute_gram
 from ldro.lookahead import GRAM_STRATEGIES
@@ -46,6 +52,8 @@ from ldro.registry import method_info
 from ldro.registry import method_names
 from ldro.registry import MethodInfo
 from ldro.registry import register_method
+from ldro.sign_dropout import graddrop
+from ldro.sign_dropout import graddrop_aggregate
 from ldro.static import equal_weighting
 from ldro.static import mixing_weights
 from ldro.static import static_mixing
@@ -75,6 +83,11 @@ __all__ = (
     "exponentiated_step",
     "get_method",
     "GRAM_STRATEGIES",
+    "graddrop",
+    "graddrop_aggregate",
+    "gradvac",
+    "gradvac_coefficients",
+    "GradVacState",
     "group_dro",
     "grouped_gram",
     "imtl_g",
@@ -92,6 +105,9 @@ __all__ = (
     "mgda",
     "mgda_coefficients",
     "mixing_weights",
+    "nash_mtl",
+    "nash_mtl_solve",
+    "NashMTLState",
     "NashInfo",
     "pairwise_gram",
     "pcgrad",
