@@ -146,7 +146,7 @@ def test_inject_hyperparams(name):
   key = jax.random.key(1)
   s_inj, s_dir = tx.init(theta), direct.init(theta)
   u_inj, s_inj = jax.jit(lambda s: jac_update(tx, losses_fn, theta, s, key))(s_inj)
-  u_dir, s_dir = jac_update(direct, losses_fn, theta, s_dir, key)
+  u_dir, s_dir = jax.jit(lambda s: jac_update(direct, losses_fn, theta, s, key))(s_dir)
   np.testing.assert_allclose(u_inj["w"], u_dir["w"], rtol=2e-4, atol=1e-6)
   np.testing.assert_allclose(ldro.task_weights(s_inj), ldro.task_weights(s_dir), rtol=2e-4,
                              atol=1e-6)
@@ -166,10 +166,11 @@ def test_permutation_equivariance(name):
                    for k, v in args.items()}
   tx_p = ldro.get_method(name, **permuted_args)
   s, s_p = tx.init(theta), tx_p.init(theta)
+  step = jax.jit(lambda g, s, l: tx.update(g, s, theta, task_losses=l))
+  step_p = jax.jit(lambda g, s, l: tx_p.update(g, s, theta, task_losses=l))
   for _ in range(2):
-    u, s = tx.update(grads, s, theta, task_losses=losses)
-    u_p, s_p = tx_p.update(jax.tree.map(lambda g: g[p], grads), s_p, theta,
-                           task_losses=losses[p])
+    u, s = step(grads, s, losses)
+    u_p, s_p = step_p(jax.tree.map(lambda g: g[p], grads), s_p, losses[p])
   # atol: float32 solvers (the exact L-DRO Nash) resolve weights near 0 to ~1e-4.
   np.testing.assert_allclose(np.asarray(ldro.task_weights(s))[p], ldro.task_weights(s_p),
                              rtol=1e-4, atol=1e-4)
@@ -199,8 +200,9 @@ def test_degenerate_inputs_give_finite_output(case):
   for name in METHODS:
     tx = build(name, n)
     state = tx.init(theta)
+    step = jax.jit(lambda s, k, tx=tx: tx.update(grads, s, theta, task_losses=losses, key=k))
     for t in range(2):
-      u, state = tx.update(grads, state, theta, task_losses=losses, key=jax.random.key(t))
+      u, state = step(state, jax.random.key(t))
       assert np.all(np.isfinite(np.asarray(u["w"]))), (name, case)
       assert np.all(np.isfinite(np.asarray(ldro.task_weights(state)))), (name, case)
 
@@ -216,18 +218,19 @@ def test_jacobian_and_lean_mode_agree(name):
   theta0, losses_fn = problem(seed=7)
 
   def run(mode):
+    @jax.jit
+    def step(theta, state, key):
+      if mode == "jacobian":
+        return jac_update(tx, losses_fn, theta, state, key)
+      losses, vjp = jax.vjp(losses_fn, theta)
+      grads_fn = lambda: jax.jacrev(losses_fn)(theta)
+      source = ({"gram_fn": lambda: ldro.task_gram(grads_fn())} if mode == "gram_fn"
+                else {"task_grads_fn": grads_fn})
+      return tx.update(None, state, theta, task_losses=losses, key=key, task_vjp=vjp, **source)
+
     theta, state = theta0, tx.init(theta0)
     for t in range(3):
-      key = jax.random.key(t)
-      if mode == "jacobian":
-        updates, state = jac_update(tx, losses_fn, theta, state, key)
-      else:
-        losses, vjp = jax.vjp(losses_fn, theta)
-        grads_fn = lambda th=theta: jax.jacrev(losses_fn)(th)
-        source = ({"gram_fn": lambda: ldro.task_gram(grads_fn())} if mode == "gram_fn"
-                  else {"task_grads_fn": grads_fn})
-        updates, state = tx.update(None, state, theta, task_losses=losses, key=key,
-                                   task_vjp=vjp, **source)
+      updates, state = step(theta, state, jax.random.key(t))
       theta = optax.apply_updates(theta, updates)
     return theta["w"], ldro.task_weights(state)
 
