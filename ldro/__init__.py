@@ -64,6 +64,18 @@ from ldro.weighting import task_weights
 from ldro.weighting import TaskStats
 from ldro.weighting import TaskWeighting
 from ldro.weighting import WeightingState
+from ldro.worst_group import apply_patch_mask
+from ldro.worst_group import check_groups
+from ldro.worst_group import group_correct_counts
+from ldro.worst_group import GroupAccuracy
+from ldro.worst_group import jtt_batch_indices
+from ldro.worst_group import jtt_error_set
+from ldro.worst_group import jtt_upweighted_indices
+from ldro.worst_group import l1_activation
+from ldro.worst_group import make_group_ids
+from ldro.worst_group import masked_reconstruction_loss
+from ldro.worst_group import per_group_accuracy
+from ldro.worst_group import random_patch_mask
 from ldro import train  # make_train_step, make_plain_step, TrainState (ldro.train.*)
 
 __version__ = "0.1.0"
@@ -128,6 +140,18 @@ __all__ = (
     "upgrad",
     "upgrad_coefficients",
     "WeightingState",
+    "apply_patch_mask",
+    "check_groups",
+    "group_correct_counts",
+    "GroupAccuracy",
+    "jtt_batch_indices",
+    "jtt_error_set",
+    "jtt_upweighted_indices",
+    "l1_activation",
+    "make_group_ids",
+    "masked_reconstruction_loss",
+    "per_group_accuracy",
+    "random_patch_mask",
     "train",
     "update_weights",
 )
