@@ -27,6 +27,7 @@ from ldro.gradient_balancing import mgda_coefficients
 from ldro.gradient_balancing import SolverInfo
 from ldro.gradient_balancing import upgrad
 from ldro.gradient_balancing import upgrad_coefficients
+from ldro.gradient_normalization import gradnorm
 from ldro.gradient_vaccine import gradvac
 from ldro.gradient_vaccine import gradvac_coefficients
 from ldro.gradient_vaccine import GradVacState
@@ -42,6 +43,11 @@ from ldro.lookahead import per_task_grads
 from ldro.lookahead import task_gram
 from ldro.lookahead_dro import ldro_weights
 from ldro.lookahead_dro import LookaheadDROState
+from ldro.loss_balancing import dwa
+from ldro.loss_balancing import famo
+from ldro.loss_balancing import imtl
+from ldro.loss_balancing import imtl_l
+from ldro.loss_balancing import uw
 from ldro.conflict_projection import pcgrad
 from ldro.conflict_projection import pcgrad_coefficients
 from ldro.random_weighting import random_gradient_weighting
@@ -91,9 +97,12 @@ __all__ = (
     "chunked_gram",
     "combine",
     "compute_gram",
+    "dwa",
     "equal_weighting",
     "exponentiated_step",
+    "famo",
     "get_method",
+    "gradnorm",
     "GRAM_STRATEGIES",
     "graddrop",
     "graddrop_aggregate",
@@ -104,6 +113,8 @@ __all__ = (
     "grouped_gram",
     "imtl_g",
     "imtl_g_coefficients",
+    "imtl",
+    "imtl_l",
     "interaction_matrix",
     "jacrev_gram",
     "ldro_weights",
@@ -139,6 +150,7 @@ __all__ = (
     "TaskWeighting",
     "upgrad",
     "upgrad_coefficients",
+    "uw",
     "WeightingState",
     "apply_patch_mask",
     "check_groups",
