@@ -61,6 +61,42 @@ CLAIMS = (
 )
 
 
+#: (claim, metric, run A, run B): the same comparisons between configurations fixed in
+#: advance (no selection over a grid), on the plateau: ``tail_worst`` / ``tail_avg`` are the
+#: means over the last TAIL evaluations of a run's worst-task / average accuracy.
+RUN_CLAIMS = (
+    ("L-DRO (default eta 1e-3, lambda 1e-2) has a higher plateau worst-task accuracy than "
+     "static mixing", "tail_worst", "ldro-eta1e-3-lam1e-2", "static"),
+    ("L-DRO (default) has a higher plateau average accuracy than DRO (eta 1e-2)", "tail_avg",
+     "ldro-eta1e-3-lam1e-2", "dro-eta1e-2"),
+    ("L-DRO (default) has a higher plateau worst-task accuracy than DRO (eta 1e-2)",
+     "tail_worst", "ldro-eta1e-3-lam1e-2", "dro-eta1e-2"),
+    ("DRO (eta 1e-2) has a higher plateau worst-task accuracy than static mixing", "tail_worst",
+     "dro-eta1e-2", "static"),
+    ("Static mixing has a higher plateau average accuracy than DRO (eta 1e-2)", "tail_avg",
+     "static", "dro-eta1e-2"),
+    ("L-DRO (default) has a higher plateau worst-task accuracy than PCGrad", "tail_worst",
+     "ldro-eta1e-3-lam1e-2", "pcgrad"),
+    ("L-DRO (eta 1e-2, lambda 1e-2) has a higher plateau worst-task accuracy than static mixing",
+     "tail_worst", "ldro-eta1e-2-lam1e-2", "static"),
+    ("L-DRO (eta 1e-2, lambda 1e-2) has a higher plateau average accuracy than DRO (eta 1e-2)",
+     "tail_avg", "ldro-eta1e-2-lam1e-2", "dro-eta1e-2"),
+)
+#: Evaluations averaged for the plateau metrics (4 = the last 4 epochs of a 15-epoch run).
+TAIL = 4
+
+
+def tail_metrics(records: Sequence[dict], tail: int = TAIL) -> Optional[dict]:
+  """Means over the last ``tail`` evaluations: average, worst-task and per-task accuracy."""
+  recs = [r for r in records if "avg_accuracy" in r][-tail:]
+  if len(recs) < tail:
+    return None
+  return {"tail_avg": float(np.mean([r["avg_accuracy"] for r in recs])),
+          "tail_worst": float(np.mean([r["worst_accuracy"] for r in recs])),
+          "tail_task_accuracy": np.mean([r["task_accuracy"] for r in recs], axis=0).tolist(),
+          "steps": [recs[0]["step"], recs[-1]["step"]]}
+
+
 def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
   """The verdict of the rule above for paired differences ``A - B`` (one per seed).
 
@@ -164,12 +200,62 @@ def build_report(root: str, reference: Sequence[float] = (0.0, 0.0)) -> dict:
     claims.append({"claim": text, "metric": metric, "a": a, "b": b,
                    "diffs": {str(k): float(v) for k, v in diffs.items()},
                    "mean": mean, "se": se, "verdict": verdict})
+  tails = {}
+  for r in runs:
+    if r["done"]:
+      t = tail_metrics(r["records"])
+      if t:
+        tails.setdefault(r["run"], {})[str(r["seed"])] = t
+  for text, metric, a, b in RUN_CLAIMS:
+    if a not in tails or b not in tails:
+      continue
+    common = sorted(set(tails[a]) & set(tails[b]), key=int)
+    if not common:
+      continue
+    diffs = {s_: tails[a][s_][metric] - tails[b][s_][metric] for s_ in common}
+    verdict, mean, se = paired_verdict(list(diffs.values()))
+    claims.append({"claim": text, "metric": metric, "a": a, "b": b,
+                   "diffs": {k: float(v) for k, v in diffs.items()},
+                   "mean": mean, "se": se, "verdict": verdict})
+  plateaus = {f"{r['run']}/seed{r['seed']}": plateau_stats(r["records"]) for r in runs
+              if r["method"] == "static"}
+  final = {f"{r['run']}/seed{r['seed']}": r["records"][-1]["task_accuracy"] for r in runs
+           if r["records"]}
   return {"root": root, "seeds": seeds, "methods": stats, "claims": claims,
+          "plateau_equal_weights": plateaus, "final_task_accuracy": final, "tail": tails,
           "rule": "paired difference over seeds: holds if mean > 2 SE, does not hold if "
                   "mean < -2 SE, else within noise; one seed: no verdict",
           "runs": [{k: r[k] for k in ("run", "method", "seed", "done")} |
                    {"last_step": r["records"][-1]["step"] if r["records"] else None}
                    for r in runs]}
+
+
+def plateau_stats(records: Sequence[dict], window: int = 4) -> Optional[dict]:
+  """Whether each task's training loss has plateaued at the end of a run.
+
+  Compares the mean ``task_train_loss`` (fixed training subset) over the last
+  ``window`` evaluations with the mean over the ``window`` before them: the
+  change, the evaluations' spread (standard deviation over the last
+  ``2 * window``) and ``plateau = |change| < 2 * standard error of the
+  change`` (the same 2-SE rule as the claims, with the evaluations as samples).
+
+  Returns:
+    ``{'steps': [first, last], 'tasks': [{'last': ..., 'change': ..., 'se': ...,
+    'plateau': bool}, ...]}``, or None if fewer than ``2 * window`` records
+    have ``task_train_loss``.
+  """
+  recs = [r for r in records if "task_train_loss" in r]
+  if len(recs) < 2 * window:
+    return None
+  a = np.array([r["task_train_loss"] for r in recs[-2 * window:]])
+  prev, last = a[:window], a[window:]
+  tasks = []
+  for t in range(a.shape[1]):
+    change = float(last[:, t].mean() - prev[:, t].mean())
+    se = float(math.sqrt(last[:, t].var(ddof=1) / window + prev[:, t].var(ddof=1) / window))
+    tasks.append({"last": float(last[:, t].mean()), "change": change, "se": se,
+                  "plateau": bool(change > -2 * se)})
+  return {"steps": [recs[-2 * window]["step"], recs[-1]["step"]], "tasks": tasks}
 
 
 def _fmt(x, scale=100.0, digits=2):
@@ -210,7 +296,53 @@ def markdown(report: dict) -> str:
                  f"**{c['verdict']}** |")
   lines.append("")
   lines.append("(hypervolume in accuracy fractions; accuracy differences in points.)")
+  plats = {k: v for k, v in report.get("plateau_equal_weights", {}).items() if v}
+  if plats:
+    lines += ["", "Equal weights, per-task training loss (500 fixed training examples per task): "
+              "mean of the last 4 evaluations, change from the 4 before ± its SE, plateau if "
+              "change > -2 SE (no significant decrease).", "", "| run | steps | " + " | ".join(
+                  f"task {t}" for t in range(len(next(iter(plats.values()))["tasks"]))) + " |",
+              "|---|---|" + "---|" * len(next(iter(plats.values()))["tasks"])]
+    for k, v in plats.items():
+      cells = [f"{t['last']:.3f} ({t['change']:+.3f} ± {t['se']:.3f}{', plateau' if t['plateau'] else ''})"
+               for t in v["tasks"]]
+      lines.append(f"| {k} | {v['steps'][0]}-{v['steps'][1]} | " + " | ".join(cells) + " |")
+  tails = report.get("tail", {})
+  if tails:
+    n = len(next(iter(next(iter(tails.values())).values()))["tail_task_accuracy"])
+    lines += ["", f"Plateau accuracy (%): mean over the last {TAIL} evaluations of each finished "
+              "run, mean ± SE over seeds (n = number of seeds).", "",
+              "| run | n | " + " | ".join(f"task {t}" for t in range(n)) + " | avg | worst |",
+              "|---|---|" + "---|" * (n + 2)]
+
+    def ms(v):
+      v = 100 * np.asarray(v, np.float64)
+      return f"{v.mean():.1f}" if v.size < 2 else \
+          f"{v.mean():.1f} ± {v.std(ddof=1) / math.sqrt(v.size):.1f}"
+
+    for run, per in tails.items():
+      vals = list(per.values())
+      cells = [ms([v["tail_task_accuracy"][t] for v in vals]) for t in range(n)]
+      lines.append(f"| {run} | {len(vals)} | " + " | ".join(cells) +
+                   f" | {ms([v['tail_avg'] for v in vals])} | "
+                   f"{ms([v['tail_worst'] for v in vals])} |")
+  final = report.get("final_task_accuracy", {})
+  if final:
+    lines += ["", "Final per-task test accuracy (%):", "", "| run | " + " | ".join(
+        f"task {t}" for t in range(len(next(iter(final.values()))))) + " | avg | worst |",
+              "|---|" + "---|" * (len(next(iter(final.values()))) + 2)]
+    for k, v in sorted(final.items()):
+      lines.append(f"| {k} | " + " | ".join(f"{100 * x:.1f}" for x in v) +
+                   f" | {100 * np.mean(v):.1f} | {100 * np.min(v):.1f} |")
   return "\n".join(lines) + "\n"
+
+
+#: Task names of the default five CIFAR-10 pairs (legends).
+TASK_NAMES = ("cat/dog", "automobile/truck", "airplane/ship", "deer/horse", "bird/frog")
+
+
+def _task_label(t: int) -> str:
+  return f"task {t}" + (f" {TASK_NAMES[t]}" if t < len(TASK_NAMES) else "")
 
 
 def plot_curves(runs: Sequence[dict], names: Sequence[str], path: str,
@@ -229,8 +361,8 @@ def plot_curves(runs: Sequence[dict], names: Sequence[str], path: str,
     key = "task_train_loss" if "task_train_loss" in recs[-1] else "train_task_losses"
     for t in range(len(recs[-1]["task_accuracy"])):
       pts = [(r["step"], r[key][t]) for r in recs if key in r]
-      row[0].plot([p[0] for p in pts], [p[1] for p in pts], label=f"task {t}")
-      row[1].plot(steps, [r["task_accuracy"][t] for r in recs], label=f"task {t}")
+      row[0].plot([p[0] for p in pts], [p[1] for p in pts], label=_task_label(t))
+      row[1].plot(steps, [r["task_accuracy"][t] for r in recs], label=_task_label(t))
     row[0].set_ylabel(f"{run['run']} seed{run['seed']}\ntraining loss ({key})")
     row[1].set_ylabel("test accuracy")
     for ax in row:
@@ -262,7 +394,7 @@ def plot_weights(runs: Sequence[dict], names: Sequence[str], path: str,
     recs = [r for r in run["records"] if "task_weights" in r]
     w = np.array([r["task_weights"] for r in recs])
     for t in range(w.shape[1]):
-      ax.plot([r["step"] for r in recs], w[:, t], label=f"task {t}")
+      ax.plot([r["step"] for r in recs], w[:, t], label=_task_label(t))
     ax.set_title(f"{run['run']} seed{run['seed']}", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("w")

@@ -167,3 +167,12 @@ def test_every_regime_run_parses_with_the_regime_settings(gin_config):
       else:
         assert q("%MODEL") == "small" and q("%MODEL_KWARGS") == {"features": 8, "mlp_width": 32}
   gin.clear_config()
+
+
+def test_plateau_stats():
+  flat = [{"step": 100 * i, "task_train_loss": [1.0 + 0.01 * (-1) ** i, 2.0 - 0.1 * i]}
+          for i in range(8)]
+  p = regime_report.plateau_stats(flat)
+  assert p["steps"] == [0, 700]
+  assert p["tasks"][0]["plateau"] and not p["tasks"][1]["plateau"]
+  assert regime_report.plateau_stats(flat[:5]) is None

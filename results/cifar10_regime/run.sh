@@ -1,11 +1,12 @@
 #!/bin/bash
-# The CIFAR-10 regime study (issue 15), most informative runs first, in two lanes that run
-# side by side (one per core), niced so that other work keeps the CPU. Resumable: re-running
+# The CIFAR-10 regime study (issue 15), most informative runs first, in three lanes that run
+# side by side, niced (19) so that other work keeps the CPU (a niced process only takes what
+# the others leave, so a third lane adds throughput on a loaded machine). Resumable: re-running
 # this script skips finished runs (DONE) and resumes unfinished ones from their last checkpoint.
 #
-#   bash results/cifar10_regime/run.sh start    # start both lanes in the background
+#   bash results/cifar10_regime/run.sh start    # start the lanes in the background (running ones are left alone)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
-#   bash results/cifar10_regime/run.sh stop     # stop both lanes (runs resume next start)
+#   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
 #   bash results/cifar10_regime/sync.sh         # copy finished runs into results/ (then commit)
 set -u
 cd "$(dirname "$0")/../.."
@@ -13,22 +14,26 @@ W=workdirs/cifar10_regime
 mkdir -p $W
 S="nice -n 19 python -m experiments.sweep"
 
-lane_a() {  # the clean regime: core seed 0, core seeds 1-2, rest of the grid, ablations
+lane_a() {  # the clean regime: core seed 0, core seed 2, rest of the grid, ablations
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=0
-  $S --sweep=cifar10_regime_core --root=$W/regime --seeds=1,2
+  $S --sweep=cifar10_regime_core --root=$W/regime --seeds=2
   $S --sweep=cifar10_regime --root=$W/regime --seeds=0,1,2
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=1,2
 }
 lane_b() {  # DRO's failure case: one task with 40% flipped labels
   $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=0
-  $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=1,2
+  $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=2
   $S --sweep=cifar10_hard_task --root=$W/hard_task --seeds=0,1,2
+}
+lane_c() {  # seed 1 of both core grids (lanes a and b take seeds 0 and 2)
+  $S --sweep=cifar10_regime_core --root=$W/regime --seeds=1
+  $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=1
 }
 
 case "${1:-start}" in
   start)
-    for lane in a b; do
+    for lane in a b c; do
       if [ -f $W/lane_$lane.pid ] && kill -0 -- -"$(cat $W/lane_$lane.pid)" 2>/dev/null; then
         echo "lane $lane already running (process group $(cat $W/lane_$lane.pid))"; continue
       fi
@@ -39,8 +44,9 @@ case "${1:-start}" in
     done ;;
   _lane_a) lane_a ;;
   _lane_b) lane_b ;;
+  _lane_c) lane_c ;;
   stop)
-    for lane in a b; do
+    for lane in a b c; do
       if [ -f $W/lane_$lane.pid ]; then
         kill -TERM -- -"$(cat $W/lane_$lane.pid)" 2>/dev/null && echo "lane $lane stopped"
         rm -f $W/lane_$lane.pid
