@@ -22,6 +22,7 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   _cpu_runtime.configure_process("experiments.train")
 
 import os
+import signal
 import sys
 from typing import Sequence
 
@@ -31,6 +32,7 @@ from absl import logging
 import gin
 import jax
 
+from experiments.runner import interrupts
 from experiments.runner import loop
 from experiments.runner import paths
 from experiments.runner import process
@@ -46,6 +48,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "Multi-host: host:port of process 0 (jax.distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a workdir that was made with another config (by default refused, naming both; "
+    "the old config is kept under <workdir>/config_history/).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False,
                                "Call jax.distributed.initialize() with the environment's "
                                "defaults (Cloud TPU pod slices, SLURM, ...).")
@@ -71,7 +77,10 @@ def run_from_flags(argv: Sequence[str]) -> None:
   parse_gin(gin_files, bindings)
   workdir = _WORKDIR.value or os.path.join("workdirs", os.path.splitext(
       os.path.basename(gin_files[-1]))[0])
-  records = loop.train_and_evaluate(workdir)
+  records = loop.train_and_evaluate(
+      workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+      invocation={"gin_files": list(_GIN_FILE.value) or [DEFAULT_CONFIG],
+                  "gin_bindings": list(_GIN_BINDINGS.value)})
   if records and jax.process_index() == 0:
     last = records[-1]
     exp_metric = [k for k in last if k.startswith("avg_")][0][4:]
@@ -104,19 +113,37 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
                      f"{msg}") from None
 
 
+def _raise_keyboard_interrupt(signum, frame):
+  del frame
+  raise interrupts.SignalBeforeTraining(signum)
+
+
 def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  # SIGTERM like Ctrl-C: one line, not a silent death (the loop handles both itself).
+  signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
   try:
     run_from_flags(argv)
+  except interrupts.Interrupted as e:  # in the loop: a checkpoint was saved
+    _exit_with_line(str(e), e.exit_status)
+  except KeyboardInterrupt as e:  # before the loop (parsing, data, compiling)
+    signum = getattr(e, "signum", signal.SIGINT)
+    _exit_with_line(f"interrupted ({interrupts.signal_name(signum)}) before training started; "
+                    f"nothing was written by this call; re-run the same command to start (or resume).",
+                    interrupts.EXIT_STATUS.get(signum, 130))
   except (ValueError, KeyError, TypeError, OSError, FloatingPointError,
           NotImplementedError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    print(f"error: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Nothing is pending (the checkpoint manager was closed on the way out); skip the
-    # interpreter's shutdown, where a failed orbax/tensorstore restore's leftover
-    # callbacks can print "Event loop is closed" tracebacks after the one error line.
-    os._exit(1)  # pylint: disable=protected-access
+    _exit_with_line(f"error: {type(e).__name__}: {first}", 1)
+
+
+def _exit_with_line(line: str, status: int) -> None:
+  print(line, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  # Nothing is pending (the checkpoint manager was closed on the way out); skip the
+  # interpreter's shutdown, where a failed orbax/tensorstore restore's leftover
+  # callbacks or TensorFlow's threads can print after the one line.
+  os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -10,9 +10,16 @@ error, a workdir written with another config. The library raises
 ``ValueError`` naming the problem for shape mismatches; the language-data
 pipeline names the language of an empty file.
 
-Runs that import TensorFlow (the language-modelling data) also get
-TensorFlow's own import-time log lines from its C++ runtime on stderr (absl
-logging, which no environment variable silences); those are not ours and are
+Values (the runner's, the experiments', the optimizer's, the method's) are
+checked in this process where the message is the point (``run_inprocess``:
+the CLI prints the first line of the same exception); a few go through the
+CLI to check the one line itself. Resumed workdirs, damaged run files and
+Ctrl-C are in ``tests/test_interrupts.py`` and below.
+
+Runs that import TensorFlow (the image and language-modelling data) also get
+TensorFlow's own log lines from its C++ runtime on stderr (absl logging,
+which no environment variable silences, and with a record's continuation
+lines), and libjpeg's messages for a bad JPEG; those are not ours and are
 left out before counting lines.
 """
 
@@ -21,6 +28,7 @@ import re
 import subprocess
 import sys
 
+import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,13 +36,15 @@ import pytest
 
 import ldro
 from ldro import train as ldro_train
+from experiments import train as train_lib
+from experiments.runner import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_DIR = os.path.join(REPO, "gin_configs", "cifar10_mtl")
 
 
-def run_train(workdir, *bindings, gin_file=None, timeout=300):
-  cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}"]
+def run_train(workdir, *bindings, gin_file=None, timeout=300, flags=()):
+  cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *flags]
   if gin_file:
     cmd.append(f"--gin_file={gin_file}")
   cmd += [f"--gin_bindings={b}" for b in bindings]
@@ -42,13 +52,30 @@ def run_train(workdir, *bindings, gin_file=None, timeout=300):
                         check=False)
 
 
+def run_inprocess(workdir, *bindings, gin_file="gin_configs/synthetic/ldro.gin", **kwargs):
+  """The runner in this process (no JAX start-up): what the CLI runs, without its main()."""
+  gin.clear_config()
+  train_lib.parse_gin([gin_file], list(bindings))
+  return loop.train_and_evaluate(str(workdir), quiet=True, **kwargs)
+
+
 # TensorFlow's C++ log lines (absl), e.g. "I0000 00:00:1795617536.480075   10208 port.cc:153] ..."
 NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
                         r"|[IWEF]\d{4} [\d:.]+\s+\d+ [\w.\-]+:\d+\] )")
+# ... and what native libraries print below them: continuation lines of such a
+# log record (TensorFlow's "\t [[{{node ...}}]]") and libjpeg's own messages.
+NATIVE_MORE = re.compile(r"^(\s|Improper call to JPEG library|Corrupt JPEG data|"
+                         r"Premature end of JPEG file|Not a JPEG file)")
+
+
+def stderr_lines(proc):
+  """Our stderr lines: without the native libraries' (see the module docstring)."""
+  return [l for l in proc.stderr.splitlines()
+          if l.strip() and not NATIVE_LOG.match(l) and not NATIVE_MORE.match(l)]
 
 
 def assert_one_error_line(proc, *needles):
-  lines = [l for l in proc.stderr.splitlines() if l.strip() and not NATIVE_LOG.match(l)]
+  lines = stderr_lines(proc)
   assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
   assert len(lines) == 1, "expected one stderr line, got:\n" + proc.stderr[-3000:]
   line = lines[0]
@@ -75,8 +102,12 @@ STEPS = "train_and_evaluate.num_steps=3"
     (["method.hparams={'lookahead_lr': 0.1, 'bogus': 1}"], ["'ldro'", "bogus"]),
     (["train_and_evaluate.num_steps="], ["cannot parse", "train_and_evaluate.num_steps="]),
     (["train_and_evaluate.nonfinite='ignore'"], ["nonfinite", "'ignore'"]),
+    (["optax.sgd.learning_rate='fast'"], ["optax.sgd.learning_rate", "'fast'"]),
+    (["train_and_evaluate.num_steps='five'"], ["train_and_evaluate.num_steps", "'five'"]),
+    (["WEIGHT_LR=-0.5"], ["weight_lr", "-0.5", "method.hparams['weight_lr'] = %WEIGHT_LR"]),
 ], ids=["unknown_method", "task_count", "task_count_baselines", "unknown_param", "unknown_param_experiment",
-        "unknown_configurable", "unknown_method_hparam", "gin_syntax", "bad_policy"])
+        "unknown_configurable", "unknown_method_hparam", "gin_syntax", "bad_policy",
+        "optimizer_lr_type", "runner_int_type", "method_rate_sign"])
 def test_runner_one_line(tmp_path, bindings, needles):
   proc = run_train(str(tmp_path / "w"), STEPS, *bindings)
   assert_one_error_line(proc, *needles)
@@ -88,13 +119,18 @@ def test_missing_gin_file(tmp_path):
 
 
 def test_workdir_of_another_config(tmp_path):
-  """Resuming a workdir written with another model/task count is refused clearly."""
+  """Even with --allow_config_change, checkpoints of another model are refused clearly."""
   wd = str(tmp_path / "w")
-  assert run_train(wd, "train_and_evaluate.num_steps=2").returncode == 0
-  proc = run_train(wd, "train_and_evaluate.num_steps=4", "SyntheticExperiment.num_cluster=4")
+  run_inprocess(wd, "train_and_evaluate.num_steps=2")
+  with open(os.path.join(wd, "run_config.json")) as f:
+    record = f.read()
+  proc = run_train(wd, "train_and_evaluate.num_steps=4", "SyntheticExperiment.num_cluster=4",
+                   flags=["--allow_config_change"])
   assert_one_error_line(proc, "no checkpoint", "another config",
                         "is not compatible with the stored shape")
   assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))  # nothing moved or deleted
+  with open(os.path.join(wd, "run_config.json")) as f:
+    assert f.read() == record  # a run that failed changes no record
 
 
 @pytest.mark.skipif(not os.path.isdir(CIFAR_DIR), reason="no cifar10_mtl configs")
@@ -169,6 +205,186 @@ def test_language_data_dir(lm_runs, layout):
   proc, data = lm_runs[layout]
   line = assert_one_error_line(proc, *LM_CASES[layout])
   assert str(data) in line
+
+
+# ------------------------------------------------------------------ values ---
+
+BAD_VALUES = {  # binding(s) -> what the first line of the error must name
+    "num_steps_str": (["train_and_evaluate.num_steps='five'"], ["train_and_evaluate.num_steps"]),
+    "num_steps_zero": (["train_and_evaluate.num_steps=0"], ["train_and_evaluate.num_steps", ">= 1"]),
+    "eval_every_fraction": (["train_and_evaluate.eval_every=2.5"], ["eval_every", "2.5"]),
+    "log_every_negative": (["train_and_evaluate.log_every=-1"], ["log_every", "-1"]),
+    "checkpoint_every_zero": (["train_and_evaluate.checkpoint_every=0"], ["checkpoint_every"]),
+    "keep_checkpoints_bool": (["train_and_evaluate.keep_checkpoints=True"], ["keep_checkpoints"]),
+    "seed_str": (["train_and_evaluate.seed='a'"], ["train_and_evaluate.seed", "'a'"]),
+    "seed_negative": (["train_and_evaluate.seed=-1"], ["train_and_evaluate.seed", "-1"]),
+    "chunk_size_zero": (["train_and_evaluate.chunk_size=0"], ["chunk_size"]),
+    "gram_strategy": (["train_and_evaluate.gram_strategy='nope'"], ["gram_strategy", "'nope'"]),
+    "mode": (["train_and_evaluate.mode='fast'"], ["train_and_evaluate.mode", "'fast'"]),
+    "mesh_shape": (["train_and_evaluate.mesh_shape=(1.5, 1)"], ["mesh_shape", "1.5"]),
+    "lr_str": (["optax.sgd.learning_rate='fast'"], ["optax.sgd.learning_rate", "'fast'"]),
+    "lr_negative": (["optax.sgd.learning_rate=-0.1"], ["optax.sgd.learning_rate", "-0.1"]),
+    "lr_zero": (["optax.sgd.learning_rate=0.0"], ["optax.sgd.learning_rate", "> 0"]),
+    "lr_inf": (["optax.sgd.learning_rate=1e999"], ["optax.sgd.learning_rate", "inf"]),
+    "momentum": (["optax.sgd.momentum=1.5"], ["optax.sgd.momentum", "1.5"]),
+    "adam_b2": (["optimizer.transforms=[@optax.adam()]", "optax.adam.learning_rate=0.1",
+                 "optax.adam.b2=-0.9"], ["optax.adam.b2", "-0.9"]),
+    "schedule_value": (["optax.sgd.learning_rate=@optax.cosine_decay_schedule()",
+                        "optax.cosine_decay_schedule.init_value=-0.1",
+                        "optax.cosine_decay_schedule.decay_steps=10"],
+                       ["optax.cosine_decay_schedule.init_value", "-0.1"]),
+    "schedule_steps": (["optax.sgd.learning_rate=@optax.cosine_decay_schedule()",
+                        "optax.cosine_decay_schedule.init_value=0.1",
+                        "optax.cosine_decay_schedule.decay_steps='ten'"],
+                       ["optax.cosine_decay_schedule.decay_steps", "'ten'"]),
+    "method_rate_negative": (["WEIGHT_LR=-0.5"],
+                             ["weight_lr", "method.hparams['weight_lr'] = %WEIGHT_LR"]),
+    "method_rate_inf": (["WEIGHT_LR=1e999"], ["weight_lr", "inf", "%WEIGHT_LR"]),
+    "method_rate_str": (["WEIGHT_LR='fast'"], ["method.hparams['weight_lr'] = %WEIGHT_LR",
+                                               "'fast'", "number"]),
+    "method_interval_zero": (["UPDATE_EVERY=0"], ["update_every", "%UPDATE_EVERY"]),
+    "method_inline_hparam": (["method.hparams={'lookahead_lr': -1.0}"],
+                             ["lookahead_lr", "method.hparams['lookahead_lr']"]),
+    "experiment_str": (["SyntheticExperiment.spread='x'"], ["SyntheticExperiment.spread", "'x'"]),
+    "experiment_fraction": (["SyntheticExperiment.num_cluster=2.5"],
+                            ["SyntheticExperiment.num_cluster", "2.5"]),
+    "experiment_negative": (["SyntheticExperiment.radius=-1.0"], ["SyntheticExperiment.radius"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_value_names_its_binding(tmp_path, case):
+  """Every static value is checked before training; the first line names the gin binding."""
+  bindings, needles = BAD_VALUES[case]
+  with pytest.raises(ValueError) as info:
+    run_inprocess(tmp_path / "w", STEPS, *bindings)
+  first = str(info.value).strip().splitlines()[0]
+  for needle in needles:
+    assert needle in first, (needle, first)
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")  # before any training
+
+
+def test_good_values_still_run(tmp_path):
+  """The checks take what was fine: a float step count that is whole, a schedule, adam."""
+  records = run_inprocess(tmp_path / "w", "train_and_evaluate.num_steps=2.0",
+                          "optimizer.transforms=[@optax.adam()]",
+                          "optax.adam.learning_rate=@optax.warmup_cosine_decay_schedule()",
+                          "optax.warmup_cosine_decay_schedule.init_value=0.0",
+                          "optax.warmup_cosine_decay_schedule.peak_value=0.01",
+                          "optax.warmup_cosine_decay_schedule.warmup_steps=1",
+                          "optax.warmup_cosine_decay_schedule.decay_steps=2")
+  assert records[-1]["step"] == 2
+
+
+def test_optax_parameter_names_still_checked_by_gin(tmp_path):
+  """The optax functions are wrapped for the checks; gin still knows their parameters."""
+  with pytest.raises(ValueError, match="optax.sgd.*learnin_rate"):
+    run_inprocess(tmp_path / "w", "optax.sgd.learnin_rate=0.1")
+
+
+# --------------------------------------------------------- resumed workdirs ---
+
+
+def test_workdir_remembers_its_config(tmp_path):
+  """ldro.gin for 2 steps, then ldro_exact.gin in the same workdir: refused, naming both."""
+  wd = tmp_path / "w"
+  run_inprocess(wd, "train_and_evaluate.num_steps=2",
+                invocation={"gin_files": ["gin_configs/synthetic/ldro.gin"], "gin_bindings": []})
+  config = (wd / "config.gin").read_text()
+  proc = run_train(str(wd), "train_and_evaluate.num_steps=4",
+                   gin_file="gin_configs/synthetic/ldro_exact.gin")
+  assert_one_error_line(proc, f"workdir {wd} was made with another config",
+                        "--gin_file=gin_configs/synthetic/ldro.gin",
+                        "this run: --gin_file=gin_configs/synthetic/ldro_exact.gin",
+                        "method.name: 'ldro' -> 'ldro_exact'", "--allow_config_change")
+  assert (wd / "config.gin").read_text() == config  # the record of what ran is kept
+  assert sorted(os.listdir(wd / "checkpoints")) == ["2"]
+
+  # The step budget is not part of the config: extending the run resumes it.
+  records = run_inprocess(wd, "train_and_evaluate.num_steps=4",
+                          "train_and_evaluate.log_every=1", "train_and_evaluate.eval_every=1")
+  assert [r["step"] for r in records] == [3, 4]
+
+  # On purpose: the old config goes to config_history/, this one is recorded.
+  gin.clear_config()
+  train_lib.parse_gin(["gin_configs/synthetic/ldro.gin"],
+                      ["train_and_evaluate.num_steps=5", "LOOKAHEAD_LR=0.2"])
+  with pytest.raises(ValueError, match=r"'lookahead_lr': 0.1.* -> .*'lookahead_lr': 0.2"):
+    loop.train_and_evaluate(str(wd), quiet=True)
+  records = loop.train_and_evaluate(str(wd), quiet=True, allow_config_change=True)
+  assert records[-1]["step"] == 5
+  history = os.listdir(wd / "config_history")
+  assert any(f.endswith("config.gin") for f in history), history
+  assert "'lookahead_lr': 0.2" in (wd / "run_config.json").read_text()
+  assert "LOOKAHEAD_LR = 0.2" in (wd / "config.gin").read_text()
+
+
+def test_damaged_run_record_is_refused(tmp_path):
+  wd = tmp_path / "w"
+  run_inprocess(wd, "train_and_evaluate.num_steps=1")
+  (wd / "run_config.json").write_text("{not json")
+  with pytest.raises(ValueError, match=r"run_config.json is damaged"):
+    run_inprocess(wd, "train_and_evaluate.num_steps=2")
+
+
+# -------------------------------------------------------------- data files ---
+
+
+def _png(path, size=(4, 4), color=0):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new("RGB", size, (color, 0, 0)).save(path)
+
+
+def _image_folder(root, classes=("cat", "dog"), splits=("train", "test")):
+  for split in splits:
+    for i, c in enumerate(classes):
+      for k in range(2):
+        _png(root / split / c / f"{k}.png", color=10 * i + k)
+  return root
+
+
+def test_image_class_missing_from_one_split(tmp_path):
+  """A copy without test/dog: refused naming the folder (else cat/dog is evaluated on cats)."""
+  pytest.importorskip("tensorflow_datasets")
+  from ldro.data import images  # pylint: disable=g-import-not-at-top
+  root = _image_folder(tmp_path / "img")
+  for f in (root / "test" / "dog").iterdir():
+    f.unlink()
+  with pytest.raises(ValueError, match=r"test/dog' has no images: class 'dog' of task 'cat/dog'"):
+    images.load_imagefolder_pair_tasks(root, pairs=[("cat", "dog")], use_cache=False)
+  (root / "test" / "dog").rmdir()
+  with pytest.raises(ValueError, match=r"test/dog' is missing"):
+    images.load_imagefolder_pair_tasks(root, pairs=[("cat", "dog")], use_cache=False)
+
+
+@pytest.mark.parametrize("damage", ["not_an_image", "truncated_png", "other_size"])
+def test_bad_image_named(tmp_path, damage):
+  pytest.importorskip("tensorflow_datasets")
+  from ldro.data import images  # pylint: disable=g-import-not-at-top
+  root = _image_folder(tmp_path / "img")
+  bad = root / "test" / "dog" / "1.png"
+  if damage == "not_an_image":
+    bad.write_text("not an image")
+  elif damage == "truncated_png":
+    bad.write_bytes(bad.read_bytes()[:40])
+  else:
+    _png(bad, size=(5, 4))
+  with pytest.raises(ValueError) as info:
+    images.load_imagefolder_pair_tasks(root, pairs=[("cat", "dog")], use_cache=False)
+  assert str(bad) in str(info.value).splitlines()[0]
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+  pytest.importorskip("seqio")
+  from ldro.data import text  # pylint: disable=g-import-not-at-top
+  (tmp_path / "en.train.txt").write_text("hello world\n", encoding="utf-8")
+  (tmp_path / "en.test.txt").write_text("hello\n", encoding="utf-8")
+  (tmp_path / "yo.train.txt").write_bytes("bawo ni\n\u1eb9 ku\n".encode() + b"ok \xff\xfe no\n")
+  (tmp_path / "yo.test.txt").write_text("bawo ni\n", encoding="utf-8")
+  with pytest.raises(ValueError, match=r"Invalid UTF-8 in .*yo\.train\.txt, line 3 \(byte 4"):
+    text.register_language_tasks(["en", "yo"], "textfiles", text.default_vocabulary(),
+                                 data_dir=str(tmp_path), prefix="test_bad_utf8")
 
 
 # ------------------------------------------------------------ library level ---

@@ -26,6 +26,7 @@ import optax
 
 from experiments.families import base as experiment_lib
 from experiments.runner import paths
+from experiments.runner import validation
 from ldro.data import images as images_lib
 from ldro.models import cnn
 
@@ -287,8 +288,10 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     if model not in MODELS:
       raise ValueError(f"unknown model {model!r} (ImageClassificationExperiment.model); known: "
                        f"{', '.join(MODELS)}.")
-    if int(eval_batch_size) < 1:
-      raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}.")
+    name = "ImageClassificationExperiment."
+    eval_batch_size = validation.whole_number(eval_batch_size, name + "eval_batch_size", 1)
+    batch_size = validation.whole_number(batch_size, name + "batch_size", 1)
+    seed = validation.seed(seed, name + "seed")
     try:
       # The custom VJPs keep their speed inside lax.cond on CPU (XLA's own
       # convolution gradients do not): lean-mode L-DRO may then reuse a

@@ -44,6 +44,7 @@ import numpy as np
 
 from experiments.families import base as experiment_lib
 from experiments.runner import paths
+from experiments.runner import validation
 from ldro.data.languages import PAPER_MC4_LANGUAGES, XTREME_LANGUAGES
 from ldro.models import decoder as decoder_lib
 
@@ -249,10 +250,17 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     if eval_selection not in EVAL_SELECTIONS:
       raise ValueError(f"unknown eval_selection {eval_selection!r}; known: "
                        f"{', '.join(EVAL_SELECTIONS)}.")
-    for name, v in (("sequence_length", sequence_length), ("rows_per_language", rows_per_language),
-                    ("eval_rows", eval_rows), ("eval_batch_size", eval_batch_size)):
-      if int(v) < 1:
-        raise ValueError(f"LanguageModelingExperiment.{name} must be >= 1, got {v}.")
+    v, name = validation, "LanguageModelingExperiment."
+    sequence_length = v.whole_number(sequence_length, name + "sequence_length", 1)
+    rows_per_language = v.whole_number(rows_per_language, name + "rows_per_language", 1)
+    eval_rows = v.whole_number(eval_rows, name + "eval_rows", 1)
+    eval_batch_size = v.whole_number(eval_batch_size, name + "eval_batch_size", 1)
+    batch_size = v.optional_whole_number(batch_size, name + "batch_size", 1)
+    max_train_examples = v.optional_whole_number(max_train_examples, name + "max_train_examples", 1)
+    max_eval_examples = v.optional_whole_number(max_eval_examples, name + "max_eval_examples", 1)
+    alpha = None if alpha is None else v.real(alpha, name + "alpha")
+    dropout_rate = v.real(dropout_rate, name + "dropout_rate", 0.0, 1.0, high_inclusive=False)
+    seed = v.seed(seed, name + "seed")
     self.task_names = languages
     self.languages = languages
     self.source = source

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.families import base
+from experiments.runner import validation
 from ldro.data import synthetic
 
 
@@ -30,6 +31,14 @@ class SyntheticExperiment(base.Experiment):
   def __init__(self, num_cluster: int = 10, spread: float = 0.15, radius: float = 1.25,
                start_r: float = 1.5, start_phi: float = 2.6, loss_noise: float = 0.0,
                grad_noise: float = 0.0, seed: int = 0):
+    v, name = validation, "SyntheticExperiment."
+    num_cluster = v.whole_number(num_cluster, name + "num_cluster", 1)
+    seed = v.seed(seed, name + "seed")
+    spread, radius = v.nonnegative(spread, name + "spread"), v.positive(radius, name + "radius")
+    start_r = v.positive(start_r, name + "start_r")
+    start_phi = v.real(start_phi, name + "start_phi")
+    loss_noise = v.nonnegative(loss_noise, name + "loss_noise")
+    grad_noise = v.nonnegative(grad_noise, name + "grad_noise")
     self.tasks = synthetic.make_tasks(num_cluster, spread, radius, seed=seed)
     self.task_names = [f"cluster{i}" for i in range(num_cluster)] + ["outlier"]
     self.start = (float(start_r), float(start_phi))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.families import base as experiment_lib
+from experiments.runner import validation
 
 
 @gin.configurable
@@ -45,6 +46,12 @@ class ToyMLPExperiment(experiment_lib.Experiment):
   def __init__(self, num_tasks: int = 4, dim: int = 16, hidden: int = 64,
                batch_per_task: int = 16, eval_per_task: int = 64, noise: float = 0.5,
                seed: int = 0, report_params: bool = False):
+    v, name = validation, "ToyMLPExperiment."
+    for param, value in (("num_tasks", num_tasks), ("dim", dim), ("hidden", hidden),
+                         ("batch_per_task", batch_per_task), ("eval_per_task", eval_per_task)):
+      v.whole_number(value, name + param, 1)
+    num_tasks, seed = int(num_tasks), v.seed(seed, name + "seed")
+    noise = v.nonnegative(noise, name + "noise")
     self.task_names = [f"task{i}" for i in range(num_tasks)]
     self.dim, self.hidden, self.b = int(dim), int(hidden), int(batch_per_task)
     self.seed, self.report_params = int(seed), bool(report_params)

@@ -6,6 +6,7 @@ item under ``<workdir>/checkpoints``; batches are a pure function of the step,
 so restoring it resumes the run bit-exactly.
 """
 
+import logging
 import os
 import sys
 import time
@@ -50,6 +51,8 @@ def restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_tr
   else:
     target = jax.tree_util.tree_map(abstract, state)
   failed = []
+  # Before reading metadata or arrays: the noise is printed while a read fails.
+  quiet_failed_restore_noise(str(mngr.directory))
   for step in steps:
     mismatch = shape_mismatch(mngr, step, target)
     if mismatch:  # decided from metadata: a failing orbax restore leaves noisy threads
@@ -80,6 +83,55 @@ def restore(mngr, state: ldro_train.TrainState, shardings=None) -> tuple[ldro_tr
       f"no checkpoint in {mngr.directory} (steps {steps}) can be restored into this run's state; "
       f"was the workdir written with another config? Checkpoint {step}: {type(e).__name__}: "
       f"{first_line(e)[:300]}")
+
+
+def quiet_failed_restore_noise(directory: str) -> None:
+  """Drops the tracebacks a failed orbax restore leaves behind (for the rest of the process).
+
+  When a restore fails (a damaged checkpoint), orbax closes its asyncio event
+  loop while tensorstore still has reads of that checkpoint in flight; as each
+  completes, tensorstore's thread calls ``loop.call_soon_threadsafe`` on the
+  closed loop and reports the ``RuntimeError('Event loop is closed')`` as an
+  unraisable exception (11-18 tracebacks, during the attempt and later), and
+  asyncio logs each orphaned read's error as "Task exception was never
+  retrieved". Called before the checkpoints' metadata or arrays are read, this
+  installs, for the rest of the process, a ``sys.unraisablehook`` that drops
+  exactly ``RuntimeError('Event loop is closed')`` and a filter on the ``asyncio`` logger that drops records
+  naming ``directory`` (the checkpoints); everything else passes. The failure
+  itself is reported in one warning line by :func:`restore`. (Validating the
+  files up front cannot replace this: a damaged byte inside an array is only
+  found by reading it, i.e. by the restore.)
+  """
+  def closed_loop(exc_type, exc) -> bool:
+    return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+  previous = sys.unraisablehook
+  if not getattr(previous, "_drops_closed_loop", False):
+    def unraisable(info):
+      if not closed_loop(info.exc_type, info.exc_value):
+        previous(info)
+    unraisable._drops_closed_loop = True  # pylint: disable=protected-access
+    sys.unraisablehook = unraisable
+  logger = logging.getLogger("asyncio")
+  if not any(getattr(f, "directory", None) == directory for f in logger.filters):
+    logger.addFilter(_OrphanedReadFilter(directory))
+
+
+class _OrphanedReadFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records about ``directory``."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    try:
+      text = record.getMessage()
+      if record.exc_info and record.exc_info[1] is not None:
+        text += str(record.exc_info[1])
+    except Exception:  # pylint: disable=broad-except
+      return True
+    return not ("never retrieved" in text and self.directory in text)
 
 
 def shape_mismatch(mngr, step: int, target) -> Optional[str]:

@@ -15,19 +15,89 @@ T5X style: the optimizer is an ``optax.chain`` composed in gin, e.g.::
 The runner builds ``optax.chain(method(num_tasks=N, ...), *optimizer())``.
 """
 
+import functools
 import inspect
+import re
 from typing import Any, Optional, Sequence
 
 import gin
 import optax
 
 import ldro
+from experiments.runner import validation
+
+
+def _in_unit(value, name):  # a decay rate / momentum: [0, 1)
+  return validation.real(value, name, 0.0, 1.0, high_inclusive=False)
+
+
+def _optional(check):
+  return lambda value, name: None if value is None else check(value, name)
+
+
+def _rate_or_schedule(value, name):  # weight decay: a number >= 0 or a schedule
+  return value if callable(value) else validation.nonnegative(value, name)
+
+
+def _steps(low):
+  return lambda value, name: validation.whole_number(value, name, low)
+
+
+#: Static checks of the optax functions configurable in gin, by parameter. A
+#: value that is a schedule (a callable) is checked where the schedule is built.
+_OPTAX_CHECKS = {
+    "sgd": {"learning_rate": validation.learning_rate, "momentum": _optional(_in_unit)},
+    "adam": {"learning_rate": validation.learning_rate, "b1": _in_unit, "b2": _in_unit,
+             "eps": validation.nonnegative, "eps_root": validation.nonnegative},
+    "adamw": {"learning_rate": validation.learning_rate, "b1": _in_unit, "b2": _in_unit,
+              "eps": validation.nonnegative, "eps_root": validation.nonnegative,
+              "weight_decay": _rate_or_schedule},
+    "adafactor": {"learning_rate": _optional(validation.learning_rate),
+                  "eps": validation.nonnegative,
+                  "clipping_threshold": _optional(validation.positive),
+                  "momentum": _optional(_in_unit)},
+    "clip_by_global_norm": {"max_norm": validation.positive},
+    "add_decayed_weights": {"weight_decay": _rate_or_schedule},
+    "cosine_decay_schedule": {"init_value": validation.nonnegative, "decay_steps": _steps(1),
+                              "alpha": validation.nonnegative,
+                              "exponent": validation.positive},
+    "warmup_cosine_decay_schedule": {
+        "init_value": validation.nonnegative, "peak_value": validation.nonnegative,
+        "warmup_steps": _steps(0), "decay_steps": _steps(1),
+        "end_value": validation.nonnegative, "exponent": validation.positive},
+    "linear_schedule": {"init_value": validation.nonnegative,
+                        "end_value": validation.nonnegative,
+                        "transition_steps": _steps(0), "transition_begin": _steps(0)},
+    "constant_schedule": {"value": validation.nonnegative},
+}
+
+
+def _checked(fn, checks):
+  """``fn`` with its static arguments checked first (same name and signature for gin)."""
+  signature = inspect.signature(fn)
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    try:
+      bound = signature.bind(*args, **kwargs)
+    except TypeError:
+      return fn(*args, **kwargs)  # let optax say what is wrong
+    bound.apply_defaults()
+    for param, check in checks.items():
+      if param in bound.arguments:
+        check(bound.arguments[param], f"optax.{fn.__name__}.{param}")
+    return fn(*args, **kwargs)
+
+  wrapper.__signature__ = signature  # gin reads the parameters through getfullargspec
+  return wrapper
+
 
 for _fn in (optax.sgd, optax.adam, optax.adamw, optax.adafactor, optax.clip_by_global_norm,
             optax.cosine_decay_schedule, optax.warmup_cosine_decay_schedule,
             optax.linear_schedule, optax.constant_schedule, optax.add_decayed_weights,
             optax.chain):
-  gin.external_configurable(_fn, module="optax")
+  gin.external_configurable(_checked(_fn, _OPTAX_CHECKS.get(_fn.__name__, {})),
+                            name=_fn.__name__, module="optax")
 
 
 @gin.configurable
@@ -90,7 +160,50 @@ def _build(name, binding, hparams, num_tasks, task_sizes, baseline_losses):
                else "the experiment's task sizes")
       raise ValueError(f"{where} has {len(v)} entries, but the experiment has {num_tasks} "
                        f"tasks (one entry per task).")
-  return ldro.get_method(name, **hparams)
+  for k, v in hparams.items():  # a string for a number: name the binding, not a TypeError
+    annotation = params[k].annotation if k in params else inspect.Parameter.empty
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    text = text if isinstance(annotation, str) else str(annotation) if not text else text
+    if (isinstance(v, str) and annotation is not inspect.Parameter.empty
+        and re.search(r"\b(float|int)\b", text) and not re.search(r"\bstr\b", text)):
+      raise ValueError(f"{_hparam_binding(k, supplied, hparams)} must be a number, got {v!r} "
+                       f"(method {name!r}).")
+  try:
+    return ldro.get_method(name, **hparams)
+  except (ValueError, TypeError) as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    key = _named_hparam(msg, hparams)
+    if key is None:
+      raise
+    raise type(e)(f"{msg} (gin: {_hparam_binding(key, supplied, hparams)})") from None
+
+
+def _named_hparam(msg: str, hparams: dict) -> Optional[str]:
+  """The hyper-parameter a factory's error message is about (None if none is named)."""
+  text = re.sub(r"\[[^\]]*\]", "", msg)  # not the list of all arguments get_method adds
+  keys = sorted(hparams, key=len, reverse=True)
+  for pattern in (r"'{}'|\b{}\b\s*(must|=|has|is)", r"\b{}\b"):
+    for k in keys:
+      if re.search(pattern.format(re.escape(k), re.escape(k)), text):
+        return k
+  return None
+
+
+def _hparam_binding(key: str, supplied: dict, hparams: dict) -> str:
+  """Where ``method``'s argument ``key`` came from, as the user would bind it."""
+  if supplied.get(key) is not None and hparams.get(key) is supplied[key]:
+    return {"num_tasks": "num_tasks is the experiment's task count",
+            "task_sizes": "task_sizes are the experiment's task sizes",
+            "baseline_losses": "train_and_evaluate.baseline_losses"}.get(key, key)
+  where = f"method.hparams['{key}']"
+  try:
+    raw = gin.query_parameter("method.hparams") or {}
+    value = raw.get(key) if isinstance(raw, dict) else None
+    if isinstance(value, gin.config.ConfigurableReference) and repr(value).startswith("%"):
+      where += f" = {value!r}"  # the macro, e.g. %WEIGHT_LR
+  except (ValueError, KeyError):
+    pass
+  return where
 
 
 def _known(name: str) -> str:

@@ -25,8 +25,10 @@ from ldro import train as ldro_train
 from experiments.families import base as experiment_lib
 from experiments.runner import checkpoints
 from experiments.runner import configurables
+from experiments.runner import interrupts
 from experiments.runner import metrics_io
 from experiments.runner import sharding
+from experiments.runner import validation
 from experiments.runner import workdir as workdir_lib
 
 #: Runner modes besides the library's ('jacobian', 'lean'): ordinary training on
@@ -127,6 +129,16 @@ def check_finite(state, exp, policy: str, say) -> None:
   say(f"warning: {count} step(s) skipped; first: {msg}")
 
 
+def interrupted(signum: int, mngr, state, num_steps: int) -> interrupts.Interrupted:
+  """Checkpoints the state reached (finished before returning) and describes the stop."""
+  step = int(state.step)
+  if step > 0 and step not in mngr.all_steps():
+    mngr.save(step, args=checkpoints.save_args(state), force=True)
+  mngr.wait_until_finished()  # this save and any in flight are finished, not torn
+  saved = [s for s in mngr.all_steps() if s <= step]
+  return interrupts.Interrupted(signum, step, num_steps, max(saved) if saved else None)
+
+
 def progress_line(step, num_steps, rate, exp, record_or_losses) -> str:
   if isinstance(record_or_losses, dict):
     m = exp.main_metric
@@ -137,15 +149,32 @@ def progress_line(step, num_steps, rate, exp, record_or_losses) -> str:
           f"worst train loss {losses.max():.4f}")
 
 
-def _validate(nonfinite: str, **intervals) -> None:
-  if nonfinite not in ("error", "skip"):
-    raise ValueError(f"train_and_evaluate.nonfinite must be 'error' or 'skip', got {nonfinite!r}.")
-  for name, v in intervals.items():
-    if int(v) < 1:
-      raise ValueError(f"train_and_evaluate.{name} must be >= 1, got {v}.")
+def _validate(num_steps, eval_every, log_every, checkpoint_every, keep_checkpoints, seed, mode,
+              gram_strategy, chunk_size, nonfinite, mesh_shape, quiet) -> dict:
+  """The runner's own values, checked (one line naming the binding) and converted."""
+  name = lambda p: f"train_and_evaluate.{p}"  # pylint: disable=unnecessary-lambda-assignment
+  out = {p: validation.whole_number(v, name(p), low=1) for p, v in (
+      ("num_steps", num_steps), ("eval_every", eval_every), ("log_every", log_every),
+      ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints))}
+  out["seed"] = validation.seed(seed, name("seed"))
+  if mode is not None:
+    validation.choice(mode, name("mode"), ("jacobian", "lean", PLAIN))
+  validation.choice(gram_strategy, name("gram_strategy"),
+                    ("jacrev", "grouped", "chunked", "pairwise"))
+  out["chunk_size"] = validation.optional_whole_number(chunk_size, name("chunk_size"), low=1)
+  validation.choice(nonfinite, name("nonfinite"), ("error", "skip"))
+  if mesh_shape is not None:
+    if not isinstance(mesh_shape, (list, tuple)):
+      raise ValueError(f"train_and_evaluate.mesh_shape must be a (data, fsdp) pair, got "
+                       f"{mesh_shape!r}.")
+    out["mesh_shape"] = tuple(validation.whole_number(v, name("mesh_shape"), low=-1)
+                              for v in mesh_shape)
+  if not isinstance(quiet, (bool, int)):
+    raise ValueError(f"train_and_evaluate.quiet must be True or False, got {quiet!r}.")
+  return out
 
 
-@gin.configurable(denylist=["workdir"])
+@gin.configurable(denylist=["workdir", "allow_config_change", "invocation"])
 def train_and_evaluate(
     workdir: str,
     experiment: experiment_lib.Experiment = gin.REQUIRED,
@@ -162,6 +191,8 @@ def train_and_evaluate(
     baseline_losses: Optional[Sequence[float]] = None,
     mesh_shape: Optional[Sequence[int]] = None,
     quiet: bool = False,
+    allow_config_change: bool = False,
+    invocation: Optional[dict] = None,
 ) -> list[dict]:
   """Trains and evaluates; resumes from the latest checkpoint in ``workdir``.
 
@@ -187,22 +218,45 @@ def train_and_evaluate(
     mesh_shape: ``(data, fsdp)`` device mesh (default: all devices on
       ``data``); see :mod:`experiments.runner.sharding`.
     quiet: suppress progress lines.
+    allow_config_change: resume a workdir made with another config
+      (:func:`experiments.runner.workdir.check_fingerprint`; the entry point's
+      ``--allow_config_change``). Not a gin parameter.
+    invocation: ``{'gin_files': [...], 'gin_bindings': [...]}`` of the command,
+      recorded in the workdir and named when another config is refused.
 
   Returns:
     The evaluation records written during this call.
+
+  Raises:
+    ValueError: a bad value (naming its gin binding), a workdir made with
+      another config, ... (one line each; see the README's reliability section).
+    experiments.runner.interrupts.Interrupted: SIGINT/SIGTERM; the run saved a
+      checkpoint at the step it reached.
   """
-  _validate(nonfinite, num_steps=num_steps, eval_every=eval_every, log_every=log_every,
-            checkpoint_every=checkpoint_every)
+  checked = _validate(num_steps, eval_every, log_every, checkpoint_every, keep_checkpoints, seed,
+                      mode, gram_strategy, chunk_size, nonfinite, mesh_shape, quiet)
+  num_steps, eval_every, log_every = checked["num_steps"], checked["eval_every"], checked["log_every"]
+  checkpoint_every, keep_checkpoints = checked["checkpoint_every"], checked["keep_checkpoints"]
+  seed, chunk_size = checked["seed"], checked["chunk_size"]
+  mesh_shape = checked.get("mesh_shape", mesh_shape)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   lock = workdir_lib.lock(workdir) if is_main else None  # one run per workdir at a time
+  try:  # a workdir made with another config is refused before anything is built
+    fingerprint = workdir_lib.check_fingerprint(workdir, invocation, allow_config_change)
+  except BaseException:
+    workdir_lib.unlock(lock)
+    raise
   exp = experiment
   tx, mode, step_builder = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses)
   prog = build_program(exp, tx, mode, step_builder, seed, mesh_shape)
   mngr = checkpoints.manager(workdir, keep_checkpoints)
   writer = None
+  stop = interrupts.StopOnSignal()  # Ctrl-C / SIGTERM: stop at the next step boundary
   try:
     state, start = checkpoints.restore(mngr, prog.state, prog.state_shardings)
+    if is_main:  # this run's config is the workdir's from now on
+      workdir_lib.record_fingerprint(workdir, fingerprint)
     # Records after the checkpoint are rewritten: drop them (and their TB events).
     writer = metrics_io.MetricsWriter(workdir, enabled=is_main,
                                       purge_step=start + 1 if start > 0 else 0)
@@ -219,6 +273,8 @@ def train_and_evaluate(
 
     t0, steps_since, train_metrics = time.perf_counter(), 0, None
     for step in range(start, num_steps):
+      if stop.requested:
+        raise interrupted(stop.signum, mngr, state, num_steps)
       # Multi-host: each process keeps its slice (sharding.process_slice) of the global batch.
       batch = sharding.shard_batch(exp.train_batch(step), prog.mesh, task_grouped=mode != PLAIN)
       state, train_metrics = prog.step_fn(state, batch)
@@ -241,6 +297,7 @@ def train_and_evaluate(
       if done % checkpoint_every == 0 or last:
         mngr.save(done, args=checkpoints.save_args(state))
   finally:
+    stop.close()
     # Also on errors: finish pending async saves and stop orbax's threads before the
     # error propagates, so the process ends with one error line, not a thread traceback.
     try:

@@ -3,30 +3,58 @@
 :class:`MetricsWriter` appends records (and TensorBoard scalars); the reader is
 shared by the sweep, Pareto, monolingual and Table 1 scripts and by the
 runner's resume truncation, so that all of them read the file the same way:
-blank lines and a torn last line (a run killed mid-write) are skipped.
+blank lines and a torn last line (a run killed mid-write) are skipped, other
+damaged lines are skipped with one warning naming the file and line.
 """
 
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
 
-def read_metrics(path: str) -> list[dict]:
-  """The records of a ``metrics.jsonl`` in file order (``[]`` if it does not exist)."""
+def read_metrics(path: str, warn: bool = True, note: str = "") -> list[dict]:
+  """The records of a ``metrics.jsonl`` in file order (``[]`` if it does not exist).
+
+  A record is a JSON object with an integer ``step``. Blank lines and a torn
+  last line (no newline: a run killed, or still running, mid-write) are
+  skipped silently; any other line that is not a record (not UTF-8, not JSON,
+  not an object with a ``step``) is skipped with one warning line on stderr
+  for the whole file, naming it, the number of such lines and the first one
+  (``warn=False``: silently). ``note`` is appended to that warning.
+  """
   out = []
   if not os.path.exists(path):
     return out
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  damaged = []
+  for number, raw in enumerate(lines, 1):
+    if not raw.strip():
+      continue
+    try:
+      record = json.loads(raw.decode("utf-8"))
+      if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not a record")
+      if not isinstance(record.get("step"), int) or isinstance(record.get("step"), bool):
+        raise ValueError("no integer 'step'")
+    except UnicodeDecodeError:
+      damaged.append((number, "not UTF-8"))
+      continue
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+      if number == len(lines):  # a torn last line of a running or killed run
         continue
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:  # a torn last line of a running or killed run
-        continue
+      why = "not JSON" if isinstance(e, json.JSONDecodeError) else str(e)
+      damaged.append((number, why))
+      continue
+    out.append(record)
+  if damaged and warn:
+    number, why = damaged[0]
+    more = f"; {len(damaged) - 1} more" if len(damaged) > 1 else ""
+    print(f"warning: {path}: skipped {len(damaged)} damaged line(s) (line {number}: {why}{more})"
+          f"{note}", file=sys.stderr, flush=True)
   return out
 
 
@@ -60,7 +88,8 @@ class MetricsWriter:
     """Drops records with ``step > step`` (written after the checkpoint we resume from)."""
     if not self.enabled or not os.path.exists(self.path):
       return
-    keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+    note = f"; dropped from the file, whose records after step {step} are rewritten"
+    keep = [r for r in read_metrics(self.path, warn=step >= 0, note=note) if r["step"] <= step]
     tmp = self.path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:  # the same lines write() made
       f.write("".join(self._line(r) for r in keep))

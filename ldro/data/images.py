@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import tempfile
 from typing import Iterator, Sequence
 
@@ -224,6 +225,54 @@ def _scan_image_folder(image_dir: pathlib.Path,
   return listing
 
 
+def _check_classes_in_every_split(
+    image_dir: pathlib.Path, listing: dict[str, dict[str, list[str]]],
+    pairs: Sequence[tuple[str, str]]) -> None:
+  """Every class of every pair has images in every split (else one task is half-evaluated).
+
+  Raises:
+    ValueError: naming the class, its task and the folder that is missing or
+      has no images.
+  """
+  for split, classes in listing.items():
+    for pair in pairs:
+      for c in pair:
+        if not classes.get(c):
+          state = "has no images" if c in classes else "is missing"
+          raise ValueError(
+              f"Class folder {str(image_dir / split / c)!r} {state}: class {c!r} of task "
+              f"'{pair[0]}/{pair[1]}' needs images in every split "
+              f"({', '.join(listing)}).")
+
+
+def _first_bad_image(split_dir: pathlib.Path) -> str | None:
+  """Why the first image of ``split_dir/<class>/`` that cannot be used fails, or None.
+
+  Run only after decoding the split failed (it decodes every image again, one
+  by one): an image that does not decode, or whose height and width differ
+  from the first image's, named by its path.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  first = None
+  for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    for f in sorted(class_dir.iterdir()):
+      if not f.name.lower().endswith(_IMAGE_EXTENSIONS):
+        continue
+      try:
+        shape = tuple(tf.io.decode_image(tf.io.read_file(str(f)), channels=3,
+                                         expand_animations=False).shape[:2])
+      except (tf.errors.InvalidArgumentError, tf.errors.OpError) as e:
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", str(getattr(e, "message", e))).strip()
+        reason = reason.splitlines()[0] if reason else type(e).__name__
+        return f"Cannot decode image {str(f)!r} ({reason}); replace or remove it."
+      if first is None:
+        first = (f, shape)
+      elif shape != first[1]:
+        return (f"Image {str(f)!r} is {shape[0]}x{shape[1]}, but {str(first[0])!r} is "
+                f"{first[1][0]}x{first[1][1]}: all images must have the same height and width.")
+  return None
+
+
 def _default_cache_dir() -> pathlib.Path:
   root = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
   return pathlib.Path(root).expanduser() / "ldro" / "imagefolder"
@@ -254,6 +303,9 @@ def _decode_image_folder(image_dir: pathlib.Path, splits: Sequence[str]
         images.append(image)
         labels.append(label)
     except tf.errors.InvalidArgumentError as e:
+      bad = _first_bad_image(image_dir / split)
+      if bad is not None:
+        raise ValueError(bad) from None
       raise ValueError(
           f"Could not batch the images of {str(image_dir / split)!r}: all "
           f"images must have the same height and width.\n{e}") from e
@@ -297,8 +349,10 @@ def load_imagefolder_pair_tasks(
   Raises:
     FileNotFoundError: `image_dir` does not exist.
     ValueError: a split folder is missing or has no images, a pair is
-      malformed or names a class absent from the folder, or a task has no
-      train or test example.
+      malformed or names a class absent from the folder, a class of a pair
+      has no images in some split (naming the folder), an image does not
+      decode or has another size (naming the first such file), or a task has
+      no train or test example.
   """
   splits = ("train", "test")
   image_dir = pathlib.Path(image_dir).expanduser().resolve()
@@ -317,6 +371,7 @@ def load_imagefolder_pair_tasks(
       raise ValueError(
           f"Class(es) {missing} of pair {pair} not found in "
           f"{str(image_dir)!r}; available classes: {available}.")
+  _check_classes_in_every_split(image_dir, listing, pairs)
 
   cache_path = None
   if use_cache:

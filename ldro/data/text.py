@@ -119,14 +119,33 @@ def _count_nonempty_lines(path: str, start: int = 0, stop: Optional[int] = None)
 
 @functools.lru_cache(maxsize=512)
 def _file_stats(path: str, mtime: float, size: int) -> Tuple[int, int]:
-  """(raw line count, non-blank line count) of a file (cached by mtime/size)."""
+  """(raw line count, non-blank line count) of a file (cached by mtime/size).
+
+  Every language file is read here once, in full, when the tasks are
+  registered: invalid UTF-8 is reported then, naming the file and line.
+  """
   del mtime, size
   raw = nonempty = 0
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      raw += 1
-      nonempty += bool(line.strip())
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        raw += 1
+        nonempty += bool(line.strip())
+  except UnicodeDecodeError:
+    raise _invalid_utf8(path) from None
   return raw, nonempty
+
+
+def _invalid_utf8(path: str) -> ValueError:
+  """The error for a text file that is not UTF-8: file, line and byte (on the error path)."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, 1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return ValueError(f"Invalid UTF-8 in {path}, line {number} (byte {e.start + 1} of the "
+                          f"line: {line[e.start:e.start + 4]!r}); language files must be UTF-8.")
+  return ValueError(f"Invalid UTF-8 in {path}; language files must be UTF-8.")
 
 
 def _stats(path: str) -> Tuple[int, int]:
