@@ -71,3 +71,34 @@ class Experiment(abc.ABC):
   @abc.abstractmethod
   def evaluate(self, params: PyTree) -> dict:
     """Evaluation: ``{'task_<main_metric>': [N] list, ...}`` (JSON-able)."""
+
+  # -- Per-host input and evaluation (multi-process runs; experiments.runner.host_input). --
+
+  def train_batch_prefix(self) -> Optional[tuple]:
+    """Leading shape of :meth:`train_batch`: ``(N, b)`` (task-grouped) or ``(B,)``.
+
+    ``None`` (the default): the experiment cannot read part of a batch, and
+    every process builds the whole batch and keeps its own slice.
+    """
+    return None
+
+  def train_batch_part(self, step: int, block: tuple) -> PyTree:
+    """The part ``train_batch(step)[np.ix_(*block)]`` of the batch, reading only that part.
+
+    ``block`` holds one sorted index array per axis of :meth:`train_batch_prefix`
+    (tasks and examples per task, or rows). The default slices the whole batch.
+    """
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    ix = np.ix_(*block)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[ix], self.train_batch(step))
+
+  #: Whether :meth:`evaluate_part` / :meth:`evaluate_from_sums` are implemented.
+  supports_split_evaluation: bool = False
+
+  def evaluate_part(self, params: PyTree, index: int, count: int) -> PyTree:
+    """Sums (numpy, e.g. per-task loss sums and counts) over part ``index`` of ``count``."""
+    raise NotImplementedError
+
+  def evaluate_from_sums(self, sums: PyTree) -> dict:
+    """The :meth:`evaluate` record from the sums of every part added up."""
+    raise NotImplementedError

@@ -28,6 +28,7 @@ from experiments.families import base as experiment_lib
 from experiments.runner import paths
 from experiments.runner import validation
 from ldro.data import images as images_lib
+from ldro.data import streams
 from ldro.models import cnn
 
 PyTree = Any
@@ -400,3 +401,59 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
       loss += l
       count += k
     return [float(x) for x in correct / count], [float(x) for x in loss / count]
+
+  # -- Per-host input and split evaluation (experiments.runner.host_input). --
+
+  def train_batch_prefix(self) -> tuple:
+    """``(N, b)``: the task-grouped batch's tasks x examples per task."""
+    return (self.num_tasks, self.batcher.per_task_batch)
+
+  def train_batch_part(self, step: int, block: tuple) -> PyTree:
+    """This process's tasks x example positions of batch ``step``, reading only those.
+
+    Each task's examples are this part's slice of the task's per-epoch
+    permutation (:meth:`ldro.data.images.GroupedBatcher.batch_part`).
+    """
+    tasks, positions = block
+    return self.batcher.batch_part(step, tasks, positions)
+
+  supports_split_evaluation = True
+
+  def _eval_sets(self) -> dict:
+    sets = {"test": {"image": self.data.test_images, "label": self.data.test_labels,
+                     "task": self.data.test_tasks}}
+    if getattr(self, "_train_eval", None) is not None:
+      sets["train"] = self._train_eval
+    return sets
+
+  def evaluate_part(self, params: PyTree, index: int, count: int) -> dict:
+    """Per-task sums (correct, loss, count) over part ``index`` of ``count`` of each eval set.
+
+    Part ``p`` is the contiguous ``p``-th of the examples
+    (:func:`ldro.data.streams.part_slice`); the sums of all parts give
+    :meth:`evaluate`'s metrics (:meth:`evaluate_from_sums`).
+    """
+    out = {}
+    for name, arrays in self._eval_sets().items():
+      part = streams.part_slice(len(arrays["label"]), index, count)
+      n = self.num_tasks
+      sums = np.zeros((3, n))
+      for start in range(part.start, part.stop, self.eval_batch_size):
+        sl = slice(start, min(start + self.eval_batch_size, part.stop))
+        c, l, k = jax.device_get(self._eval_batch(
+            params, images_lib.normalize_images(arrays["image"][sl]), arrays["label"][sl],
+            arrays["task"][sl]))
+        sums += np.stack([c, l, k])
+      out[name] = sums
+    return out
+
+  def evaluate_from_sums(self, sums: dict) -> dict:
+    """:meth:`evaluate`'s record from the summed :meth:`evaluate_part` of all parts."""
+    keys = {"test": ("task_accuracy", "task_test_loss"),
+            "train": ("task_train_accuracy", "task_train_loss")}
+    out = {}
+    for name, (correct, loss, count) in sums.items():
+      acc_key, loss_key = keys[name]
+      out[acc_key] = [float(x) for x in correct / count]
+      out[loss_key] = [float(x) for x in loss / count]
+    return out

@@ -45,6 +45,7 @@ import numpy as np
 from experiments.families import base as experiment_lib
 from experiments.runner import paths
 from experiments.runner import validation
+from ldro.data import streams
 from ldro.data.languages import PAPER_MC4_LANGUAGES, XTREME_LANGUAGES
 from ldro.models import decoder as decoder_lib
 
@@ -196,7 +197,8 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
                sizes: Optional[Mapping[str, float]] = None,
                size_unit: str = "examples",
                tfds_data_dir: Optional[str] = None,
-               seed: int = 0):
+               seed: int = 0,
+               input_shards: Optional[int] = None):
     """Registers the seqio tasks, materialises the rows and builds the model.
 
     Args:
@@ -231,6 +233,14 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
       size_unit: ``'examples'`` or ``'bytes'`` (see ``language_sizes``).
       tfds_data_dir: TFDS data dir (mc4).
       seed: seed of the batch order.
+      input_shards: ``S``: every language's training split is read as ``S``
+        seqio shards (``ShardInfo``), materialised only where a process's
+        part of the batch needs them (:mod:`ldro.data.text_shards`); the
+        batch order depends on ``S`` (not on the process count). Must divide
+        ``rows_per_language`` (stratified) or ``batch_size`` (mixture).
+        ``None``: ``gcd(process count, that size)`` (1 in a single process:
+        the whole split, as without sharding). Pin it to resume a run on
+        another number of processes with the same data order.
     """
     from ldro.data import text  # pylint: disable=g-import-not-at-top  (seqio, TF: slow)
     self._text = text
@@ -288,21 +298,18 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     self._sizes = self.info["sizes"]
     tasks = self.info["tasks"]
 
-    train_rows = text.materialize(tasks, "train", self.sequence_length,
-                                  max_examples=max_train_examples, cache_dir=cache_dir)
-    self.num_train_rows = [int(train_rows[l]["decoder_target_tokens"].shape[0])
-                           for l in languages]
     if self.alpha is None:
       self.sampling_rates = None
-      self.batcher = text.StratifiedBatcher(train_rows, self.rows_per_language, int(seed))
     else:
       import seqio  # pylint: disable=g-import-not-at-top
       mixture = seqio.get_mixture_or_task(self.info["mixtures"][self.alpha])
       rates = np.array([mixture.get_rate(seqio.get_mixture_or_task(tasks[l]))
                         for l in languages], np.float64)
       self.sampling_rates = [float(r) for r in rates / rates.sum()]
-      self.batcher = text.MixtureBatcher(train_rows, self.sampling_rates, self.batch_size,
-                                         int(seed))
+    self.batcher = self._train_batcher(tasks, input_shards, max_train_examples, cache_dir,
+                                       int(seed))
+    if jax.process_count() == 1:  # read every shard now (a process reads its own on first use)
+      self.num_train_rows  # pylint: disable=pointless-statement
 
     # Fixed evaluation rows: [sum_i K_i, L] per split, with a language id per row.
     self._eval = {}
@@ -377,6 +384,71 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     """Stratified ``[N, b, L]`` batch, or a mixture ``[B, L]`` batch if ``alpha`` is set."""
     return self.batcher.batch(int(step))
 
+  # ------------------------------------------- per-host input (host_input) --
+
+  def _train_batcher(self, tasks, input_shards, max_examples, cache_dir, seed):
+    """The (sharded) training batcher; shards are read on first use (ldro.data.text_shards)."""
+    from ldro.data import text_shards  # pylint: disable=g-import-not-at-top
+    import seqio  # pylint: disable=g-import-not-at-top
+    axis = self.rows_per_language if self.alpha is None else self.batch_size
+    try:
+      s = text_shards.resolve_input_shards(input_shards, axis, jax.process_count())
+    except ValueError as e:
+      raise ValueError(f"{e} (LanguageModelingExperiment.input_shards)") from None
+    self.input_shards = s
+    if s > 1 and max_examples is not None:
+      max_examples = -(-int(max_examples) // s)  # the cap is shared by the shards
+
+    def load(lang, shard):
+      info = seqio.ShardInfo(index=shard, num_shards=s) if s > 1 else None
+      return self._text.packed_rows(tasks[lang], "train", self.sequence_length,
+                                    max_examples=max_examples, cache_dir=cache_dir,
+                                    shard_info=info)
+
+    rows = text_shards.ShardedRows(self.languages, s, load)
+    if self.alpha is None:
+      return text_shards.ShardedStratifiedBatcher(rows, self.rows_per_language, seed)
+    return text_shards.ShardedMixtureBatcher(rows, self.sampling_rates, self.batch_size, seed)
+
+  @property
+  def num_train_rows(self) -> list:
+    """Packed training rows per language (materialises every shard)."""
+    rows = self.batcher.rows
+    return [sum(int(rows.get(i, g)["decoder_target_tokens"].shape[0])
+                for g in range(rows.num_shards)) for i in range(self.num_tasks)]
+
+  def train_batch_prefix(self) -> tuple:
+    """``(N, b)`` (stratified) or ``(B,)`` (static mixture)."""
+    if self.alpha is None:
+      return (self.num_tasks, self.rows_per_language)
+    return (self.batch_size,)
+
+  def train_batch_part(self, step: int, block: tuple) -> PyTree:
+    """This process's part of batch ``step``, reading only the input shards it needs."""
+    return self.batcher.batch_part(int(step), *block)
+
+  supports_split_evaluation = True
+
+  def evaluate_part(self, params: PyTree, index: int, count: int) -> dict:
+    """Per-language token-loss sums and token counts over part ``index`` of ``count``.
+
+    Part ``p`` is the contiguous ``p``-th of each split's fixed evaluation rows.
+    """
+    return {split: np.stack(self._split_sums(params, split, index, count))
+            for split in self.eval_splits}
+
+  def evaluate_from_sums(self, sums: dict) -> dict:
+    """:meth:`evaluate`'s record from the summed :meth:`evaluate_part` of all parts."""
+    out = {}
+    for split in self.eval_splits:
+      loss_sums, counts = sums[split]
+      loss = loss_sums / np.maximum(counts, 1.0)
+      prefix = "" if split == "validation" else f"{split}_"
+      out[f"{prefix}task_loss"] = [float(x) for x in loss]
+      out[f"{prefix}task_perplexity"] = [float(x) for x in np.exp(loss)]
+      out[f"{prefix}avg_loss"] = float(np.mean(loss))
+    return out
+
   # ----------------------------------------------------------- evaluation --
 
   def _eval_sums_fn(self, params, batch, ids):
@@ -388,12 +460,18 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
 
   def evaluate_split(self, params: PyTree, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-language mean token loss and token counts on the fixed ``split`` rows."""
+    sums, counts = self._split_sums(params, split)
+    return sums / np.maximum(counts, 1.0), counts
+
+  def _split_sums(self, params: PyTree, split: str, index: int = 0,
+                  count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per-language token-loss sums and counts over part ``index`` of ``count`` of the rows."""
     feats, ids = self._eval[split]
-    n, bs = ids.shape[0], self.eval_batch_size
+    part, bs = streams.part_slice(ids.shape[0], index, count), self.eval_batch_size
     sums, counts = np.zeros(self.num_tasks), np.zeros(self.num_tasks)
-    for start in range(0, n, bs):
-      b = {k: v[start:start + bs] for k, v in feats.items()}
-      t = ids[start:start + bs]
+    for start in range(part.start, part.stop, bs):
+      b = {k: v[start:min(start + bs, part.stop)] for k, v in feats.items()}
+      t = ids[start:min(start + bs, part.stop)]
       if t.shape[0] < bs:  # pad with zero-weight rows: one compiled shape
         pad = bs - t.shape[0]
         b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
@@ -402,7 +480,7 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
       s, c = jax.device_get(self._eval_sums(params, b, t))
       sums += s
       counts += c
-    return sums / np.maximum(counts, 1.0), counts
+    return sums, counts
 
   def evaluate(self, params: PyTree) -> dict:
     """Per-language loss and perplexity on the fixed evaluation rows.

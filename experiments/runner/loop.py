@@ -25,6 +25,7 @@ from ldro import train as ldro_train
 from experiments.families import base as experiment_lib
 from experiments.runner import checkpoints
 from experiments.runner import configurables
+from experiments.runner import host_input
 from experiments.runner import interrupts
 from experiments.runner import metrics_io
 from experiments.runner import sharding
@@ -98,7 +99,7 @@ def build_program(exp: experiment_lib.Experiment, tx, mode: str, step_builder, s
 def evaluation_record(exp: experiment_lib.Experiment, state: ldro_train.TrainState,
                       train_metrics: Optional[dict]) -> dict:
   """One ``metrics.jsonl`` record: per-task metrics, avg/worst, task weights."""
-  ev = exp.evaluate(sharding.host_local(state.params))
+  ev = host_input.evaluate(exp, sharding.host_local(state.params))  # split across processes
   key = f"task_{exp.main_metric}"
   if key not in ev:
     raise KeyError(f"experiment.evaluate() must return {key!r}.")
@@ -250,6 +251,7 @@ def train_and_evaluate(
   exp = experiment
   tx, mode, step_builder = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses)
   prog = build_program(exp, tx, mode, step_builder, seed, mesh_shape)
+  host_input.check(exp, prog.mesh, task_grouped=mode != PLAIN)  # per-host batch must divide
   mngr = checkpoints.manager(workdir, keep_checkpoints)
   writer = None
   stop = interrupts.StopOnSignal()  # Ctrl-C / SIGTERM: stop at the next step boundary
@@ -275,8 +277,8 @@ def train_and_evaluate(
     for step in range(start, num_steps):
       if stop.requested:
         raise interrupted(stop.signum, mngr, state, num_steps)
-      # Multi-host: each process keeps its slice (sharding.process_slice) of the global batch.
-      batch = sharding.shard_batch(exp.train_batch(step), prog.mesh, task_grouped=mode != PLAIN)
+      # Multi-host: each process reads only its part of the global batch (host_input).
+      batch = host_input.train_batch(exp, step, prog.mesh, task_grouped=mode != PLAIN)
       state, train_metrics = prog.step_fn(state, batch)
       steps_since += 1
       done, last = step + 1, step + 1 == num_steps

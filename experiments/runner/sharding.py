@@ -355,3 +355,128 @@ def host_local(tree: PyTree) -> PyTree:
     return tree
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# ----------------------------------------------------------------------------
+# Per-process input: which part of the global batch a process reads.
+# ----------------------------------------------------------------------------
+
+
+def process_blocks(prefix: Sequence[int], mesh: Mesh, task_grouped: bool = True) -> list[tuple]:
+  """Per process, the global positions it holds along a batch's leading axes.
+
+  ``prefix`` is the batch's leading shape: ``(N, b)`` (task-grouped: tasks x
+  examples per task) or ``(B,)`` (ordinary batch). The batch is split as
+  :func:`batch_spec` splits a leaf of that shape (every leaf ``[N, b, ...]``
+  of a batch is split the same way, on those two axes only). Entry ``p`` is a
+  tuple of sorted ``int64`` index arrays, one per leading axis: process ``p``
+  holds ``batch[np.ix_(*blocks[p])]``, in that order (the layout
+  ``jax.make_array_from_process_local_data`` expects).
+
+  Raises:
+    ValueError: the split does not give every process its own, equal part
+      (a process would read examples another process also reads): the
+      per-host batch does not divide. The message says which axis to resize.
+  """
+  prefix = tuple(int(s) for s in prefix)
+  sharding = NamedSharding(mesh, batch_spec(prefix, mesh, task_grouped))
+  per_process: dict[int, list] = {}
+  for device, index in sharding.devices_indices_map(prefix).items():
+    per_process.setdefault(device.process_index, []).append(index)
+  procs = sorted(per_process)
+  blocks = []
+  for p in procs:
+    block = []
+    for ind in _local_indices(per_process[p], prefix):
+      if isinstance(ind, slice):
+        ind = np.arange(*ind.indices(10**18))
+      block.append(np.asarray(ind, np.int64))
+    blocks.append(tuple(block))
+  owners = np.zeros(prefix, np.int64)
+  for block in blocks:
+    owners[np.ix_(*block)] += 1
+  if len(procs) > 1 and not np.all(owners == 1):
+    raise ValueError(per_host_error(prefix, mesh, task_grouped, len(procs)))
+  return blocks
+
+
+def per_host_error(prefix: Sequence[int], mesh: Mesh, task_grouped: bool, processes: int) -> str:
+  """The message of a batch that does not divide over the processes (how to resize it)."""
+  devices = mesh.size
+  local = devices // processes
+  spec = batch_spec(prefix, mesh, task_grouped)
+  if task_grouped:
+    n, b = prefix
+    what = (f"the task-grouped batch [N={n} tasks, b={b} examples per task] (split {spec} over "
+            f"the mesh {dict(mesh.shape)})")
+    fix = (f"make the per-task example axis b divisible by {devices} (the device count), or "
+           f"the task axis N by the 'data' size {mesh.shape['data']} and b by the 'fsdp' size "
+           f"{mesh.shape['fsdp']}; at the least, N or b must be divisible by {processes} "
+           f"processes x the split of each host's {local} devices")
+  else:
+    what = f"the batch of B={prefix[0]} rows (split {spec} over the mesh {dict(mesh.shape)})"
+    fix = f"make B divisible by {devices} (the device count)"
+  return (f"per-host input: {what} cannot be split into {processes} disjoint, equal per-process "
+          f"parts, so processes would read the same examples. To size the per-host batch, "
+          f"{fix} (docs/scale_out.md, 'Per-host input').")
+
+
+def process_block(prefix: Sequence[int], mesh: Mesh, task_grouped: bool = True) -> tuple:
+  """This process's entry of :func:`process_blocks` (every position if single-process)."""
+  if jax.process_count() == 1:
+    return tuple(np.arange(int(s), dtype=np.int64) for s in prefix)
+  return process_blocks(prefix, mesh, task_grouped)[jax.process_index()]
+
+
+def assemble_batch(local: PyTree, prefix: Sequence[int], mesh: Mesh,
+                   task_grouped: bool = True) -> PyTree:
+  """Global ``jax.Array`` s from every process's own part (:func:`process_block`).
+
+  ``local``'s leaves are ``[len(block[0]), len(block[1]), ...]`` (the part of
+  the leading axes ``prefix`` this process holds, any trailing axes); the
+  global leaf is ``prefix + trailing``, split by :func:`batch_spec` of
+  ``prefix`` and assembled with ``jax.make_array_from_process_local_data``.
+  Single process: ``local`` is the whole batch, placed as :func:`shard_batch` does.
+  """
+  if jax.process_count() == 1:
+    return shard_batch(local, mesh, task_grouped)
+  prefix = tuple(int(s) for s in prefix)
+  spec = tuple(batch_spec(prefix, mesh, task_grouped))
+  spec = spec + (None,) * (len(prefix) - len(spec))
+
+  def one(x):
+    x = np.asarray(x)
+    if x.ndim < len(prefix):
+      raise ValueError(f"per-host batch leaf of shape {x.shape} lacks the leading axes "
+                       f"{prefix} of the batch.")
+    shape = prefix + x.shape[len(prefix):]
+    sh = NamedSharding(mesh, P(*spec))
+    return jax.make_array_from_process_local_data(sh, x, shape)
+
+  return jax.tree_util.tree_map(one, local)
+
+
+def sum_over_processes(tree: PyTree) -> PyTree:
+  """Every process's numpy sums added up (exactly, float64), on every process.
+
+  For evaluation split across processes: each process sums its share (e.g.
+  per-task loss sums and counts), this adds the shares in process order.
+  float64 values travel bit-exactly (as pairs of uint32), so no precision is
+  lost even without ``jax_enable_x64``. Single process: the tree itself.
+  """
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  leaves = [np.ascontiguousarray(np.asarray(x, np.float64)) for x in leaves]
+  packed = [x.reshape(-1).view(np.uint32) for x in leaves]
+  gathered = multihost_utils.process_allgather(packed)  # [P, 2 * size] each
+  out = []
+  for x, g in zip(leaves, gathered):
+    parts = np.asarray(g, np.uint32).reshape(jax.process_count(), -1)
+    per_process = [parts[p].view(np.float64).reshape(x.shape) for p in range(parts.shape[0])]
+    total = per_process[0].copy()
+    for y in per_process[1:]:
+      total += y
+    out.append(total)
+  return jax.tree_util.tree_unflatten(treedef, out)

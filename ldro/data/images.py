@@ -459,9 +459,10 @@ class GroupedBatcher:
       raise ValueError(f"batch_size {batch_size} < number of tasks "
                        f"{data.num_tasks}: need at least 1 example per task.")
     self.seed = int(seed)
-    self._images, self._labels = [], []
+    self._images, self._labels, self._ids = [], [], []
     for task in range(data.num_tasks):
       idx = np.flatnonzero(data.train_tasks == task)
+      self._ids.append(idx)  # training-set ids of the task's examples (batch_part_ids)
       self._images.append(np.ascontiguousarray(data.train_images[idx]))
       self._labels.append(data.train_labels[idx])
     self._sizes = [len(l) for l in self._labels]
@@ -501,6 +502,44 @@ class GroupedBatcher:
       labels.append(self._labels[task][idx])
     return {"image": normalize_images(np.stack(images)),
             "label": np.stack(labels)}
+
+  def _part_indices(self, step: int, tasks, positions) -> list[np.ndarray]:
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}.")
+    b = self.per_task_batch
+    positions = np.asarray(positions, np.int64)
+    if positions.size and (positions.min() < 0 or positions.max() >= b):
+      raise ValueError(f"positions must lie in [0, {b}), got {positions}.")
+    return [self._streams[int(t)].indices(step * b + positions) for t in tasks]
+
+  def batch_part(self, step: int, tasks, positions) -> dict[str, np.ndarray]:
+    """Part of `batch(step)` (per-host input), reading only its examples.
+
+    Equals `batch(step)[k][np.ix_(tasks, positions)]` for every key `k`:
+    task `t`'s examples at stream positions `step * b + positions`, i.e. this
+    part's slice of the task's per-epoch permutation. A process gathers and
+    normalises only these examples.
+
+    Args:
+      step: Non-negative training step.
+      tasks: Task ids (rows of the batch).
+      positions: Example positions within a task's `b` (columns).
+
+    Returns:
+      {'image': float32 [len(tasks), len(positions), H, W, C], 'label': int32
+       [len(tasks), len(positions)]}.
+    """
+    images, labels = [], []
+    for task, idx in zip(tasks, self._part_indices(step, tasks, positions)):
+      images.append(self._images[int(task)][idx])
+      labels.append(self._labels[int(task)][idx])
+    return {"image": normalize_images(np.stack(images)),
+            "label": np.stack(labels)}
+
+  def batch_part_ids(self, step: int, tasks, positions) -> np.ndarray:
+    """Training-set example ids (rows of `data.train_*`) read by `batch_part`: int [T, P]."""
+    return np.stack([self._ids[int(task)][idx] for task, idx in
+                     zip(tasks, self._part_indices(step, tasks, positions))])
 
 
 def eval_batches(data: TaskImageData, split: str = "test",

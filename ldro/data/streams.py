@@ -51,3 +51,15 @@ class EpochStream:
   def window(self, start: int, stop: int) -> np.ndarray:
     """Example indices at positions ``[start, stop)``."""
     return self.indices(np.arange(start, stop))
+
+
+def part_slice(num_examples: int, index: int, count: int) -> slice:
+  """Part ``index`` of ``count`` contiguous, near-equal parts of ``range(num_examples)``.
+
+  Used to split an evaluation set across processes: part ``p`` is
+  ``[p * n // count, (p + 1) * n // count)``; the parts cover every example once.
+  """
+  if not 0 <= int(index) < int(count):
+    raise ValueError(f"part index must lie in [0, {count}), got {index}.")
+  n = int(num_examples)
+  return slice(int(index) * n // int(count), (int(index) + 1) * n // int(count))

@@ -573,7 +573,8 @@ def _cache_key(task_name: str, split: str, sequence_length: int,
 
 def packed_rows(task_name: str, split: str, sequence_length: int, *,
                 max_examples: Optional[int] = None,
-                cache_dir: Optional[str] = None) -> RowDict:
+                cache_dir: Optional[str] = None,
+                shard_info: Optional["seqio.ShardInfo"] = None) -> RowDict:
   """Materialises all packed rows of one task split into numpy.
 
   The source is read unshuffled, preprocessed by the seqio task and packed by
@@ -585,7 +586,11 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
     sequence_length: tokens per row ``L``.
     max_examples: keep only the first examples (after chunking); ``None`` all.
     cache_dir: optional folder for an ``.npz`` cache keyed by the task source,
-      vocabulary, split, ``L`` and ``max_examples``.
+      vocabulary, split, ``L`` and ``max_examples`` (and the shard).
+    shard_info: ``seqio.ShardInfo(index, num_shards)``: read only that shard of
+      the split (seqio shards the source's files, or its examples when it has
+      fewer files than shards); ``max_examples`` then caps the shard. ``None``:
+      the whole split. Per-host input: :mod:`ldro.data.text_shards`.
 
   Returns:
     ``{feature: [R, L]}`` for :data:`FEATURES`: int32, except
@@ -594,7 +599,9 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
   path = None
   if cache_dir:
     key = _cache_key(task_name, split, sequence_length, max_examples)
-    path = os.path.join(cache_dir, f"{task_name}.{split}.L{sequence_length}.{key}.npz")
+    shard = (f".shard{shard_info.index}of{shard_info.num_shards}" if shard_info is not None
+             else "")
+    path = os.path.join(cache_dir, f"{task_name}.{split}.L{sequence_length}.{key}{shard}.npz")
     if os.path.exists(path):
       with np.load(path) as z:
         return {k: z[k] for k in FEATURES}
@@ -602,7 +609,7 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
   lengths = {"targets": sequence_length}
   ds = task.get_dataset(sequence_length=lengths, split=split, shuffle=False,
                         seed=0, num_epochs=1, use_cached=False,
-                        try_in_mem_cache=False)
+                        try_in_mem_cache=False, shard_info=shard_info)
   if max_examples is not None:
     ds = ds.take(max_examples)
   ds = seqio.DecoderFeatureConverter(pack=True)(ds, lengths)
