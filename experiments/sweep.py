@@ -336,7 +336,7 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       f.write(cmd_str + "\n")
     with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
       json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
-                 "bindings": run_bindings(run, seed, extra_bindings)}, f, indent=2)
+                 "bindings": run_bindings(run, seed, extra_bindings)} | _code_version(), f, indent=2)
     say(f"{head}: {'resuming' if status == 'partial' else 'starting'}")
     t0 = time.time()
     error = None
@@ -365,6 +365,22 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       say(f"{head}: FAILED after {took:.0f}s: {error}")
       results[key] = "failed"
   return results
+
+
+def _code_version() -> dict:
+  """``{'git_commit': HEAD, 'git_modified': [uncommitted tracked .py/.gin files]}`` of the
+  checkout the run starts from ({} outside a git checkout): the code a run used is HEAD plus
+  those files' working-tree state."""
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.repo_root(), check=True,
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                            cwd=paths.repo_root(), check=True, capture_output=True, text=True,
+                            timeout=30).stdout.splitlines()
+  except (OSError, subprocess.SubprocessError):
+    return {}
+  modified = sorted(l[3:] for l in status if l[3:].endswith((".py", ".gin")))
+  return {"git_commit": head, "git_modified": modified}
 
 
 def _add_wall_clock(workdir: str, seconds: float, finished: bool) -> None:
