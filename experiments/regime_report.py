@@ -86,15 +86,42 @@ RUN_CLAIMS = (
 TAIL = 4
 
 
-def tail_metrics(records: Sequence[dict], tail: int = TAIL) -> Optional[dict]:
-  """Means over the last ``tail`` evaluations: average, worst-task and per-task accuracy."""
+#: Claims of the hard-task variant (section 2.3): ``tail_others`` is the plateau average
+#: accuracy of the tasks other than the hard one, ``tail_hard_weight`` the mean weight on
+#: the hard task over the last TAIL evaluations.
+HARD_CLAIMS = (
+    ("DRO (eta 1e-2) loses accuracy on the other tasks against static mixing (static - DRO > 0)",
+     "tail_others", "static", "dro-eta1e-2"),
+    ("DRO (eta 1e-1) loses accuracy on the other tasks against static mixing (static - DRO > 0)",
+     "tail_others", "static", "dro-eta1e-1"),
+    ("L-DRO (default) keeps higher accuracy on the other tasks than DRO (eta 1e-2)",
+     "tail_others", "ldro-eta1e-3-lam1e-2", "dro-eta1e-2"),
+    ("L-DRO (eta 1e-2, lambda 1e-2) keeps higher accuracy on the other tasks than DRO (eta 1e-1)",
+     "tail_others", "ldro-eta1e-2-lam1e-2", "dro-eta1e-1"),
+    ("DRO (eta 1e-2) puts more weight on the hard task than L-DRO (default)",
+     "tail_hard_weight", "dro-eta1e-2", "ldro-eta1e-3-lam1e-2"),
+    ("DRO (eta 1e-1) puts more weight on the hard task than L-DRO (eta 1e-2, lambda 1e-2)",
+     "tail_hard_weight", "dro-eta1e-1", "ldro-eta1e-2-lam1e-2"),
+)
+
+
+def tail_metrics(records: Sequence[dict], tail: int = TAIL,
+                 hard_task: Optional[int] = None) -> Optional[dict]:
+  """Means over the last ``tail`` evaluations: average, worst-task and per-task accuracy
+  (with ``hard_task``: also the other tasks' average accuracy and the hard task's weight)."""
   recs = [r for r in records if "avg_accuracy" in r][-tail:]
   if len(recs) < tail:
     return None
-  return {"tail_avg": float(np.mean([r["avg_accuracy"] for r in recs])),
-          "tail_worst": float(np.mean([r["worst_accuracy"] for r in recs])),
-          "tail_task_accuracy": np.mean([r["task_accuracy"] for r in recs], axis=0).tolist(),
-          "steps": [recs[0]["step"], recs[-1]["step"]]}
+  acc = np.array([r["task_accuracy"] for r in recs])
+  out = {"tail_avg": float(np.mean([r["avg_accuracy"] for r in recs])),
+         "tail_worst": float(np.mean([r["worst_accuracy"] for r in recs])),
+         "tail_task_accuracy": acc.mean(axis=0).tolist(),
+         "steps": [recs[0]["step"], recs[-1]["step"]]}
+  if hard_task is not None:
+    out["tail_others"] = float(np.delete(acc, hard_task, axis=1).mean())
+    weights = [r["task_weights"][hard_task] for r in recs if "task_weights" in r]
+    out["tail_hard_weight"] = float(np.mean(weights)) if weights else math.nan
+  return out
 
 
 def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
@@ -148,7 +175,8 @@ def _points(runs, method, seed=None):
                    for r in run["records"]]).reshape(-1, 2)
 
 
-def build_report(root: str, reference: Sequence[float] = (0.0, 0.0)) -> dict:
+def build_report(root: str, reference: Sequence[float] = (0.0, 0.0),
+                 hard_task: Optional[int] = None) -> dict:
   """Per-method, per-seed frontier statistics and the claims' verdicts.
 
   Statistics use every evaluation of every run of a method at that seed (the
@@ -203,10 +231,10 @@ def build_report(root: str, reference: Sequence[float] = (0.0, 0.0)) -> dict:
   tails = {}
   for r in runs:
     if r["done"]:
-      t = tail_metrics(r["records"])
+      t = tail_metrics(r["records"], hard_task=hard_task)
       if t:
         tails.setdefault(r["run"], {})[str(r["seed"])] = t
-  for text, metric, a, b in RUN_CLAIMS:
+  for text, metric, a, b in RUN_CLAIMS + (HARD_CLAIMS if hard_task is not None else ()):
     if a not in tails or b not in tails:
       continue
     common = sorted(set(tails[a]) & set(tails[b]), key=int)
@@ -221,7 +249,7 @@ def build_report(root: str, reference: Sequence[float] = (0.0, 0.0)) -> dict:
               if r["method"] == "static"}
   final = {f"{r['run']}/seed{r['seed']}": r["records"][-1]["task_accuracy"] for r in runs
            if r["records"]}
-  return {"root": root, "seeds": seeds, "methods": stats, "claims": claims,
+  return {"root": root, "seeds": seeds, "methods": stats, "claims": claims, "hard_task": hard_task,
           "plateau_equal_weights": plateaus, "final_task_accuracy": final, "tail": tails,
           "rule": "paired difference over seeds: holds if mean > 2 SE, does not hold if "
                   "mean < -2 SE, else within noise; one seed: no verdict",
@@ -312,8 +340,10 @@ def markdown(report: dict) -> str:
     n = len(next(iter(next(iter(tails.values())).values()))["tail_task_accuracy"])
     lines += ["", f"Plateau accuracy (%): mean over the last {TAIL} evaluations of each finished "
               "run, mean ± SE over seeds (n = number of seeds).", "",
-              "| run | n | " + " | ".join(f"task {t}" for t in range(n)) + " | avg | worst |",
-              "|---|---|" + "---|" * (n + 2)]
+              "| run | n | " + " | ".join(f"task {t}" for t in range(n)) + " | avg | worst |" +
+              (" avg of other tasks | w on hard task |" if report.get("hard_task") is not None
+               else ""),
+              "|---|---|" + "---|" * (n + 2 + (2 if report.get("hard_task") is not None else 0))]
 
     def ms(v):
       v = 100 * np.asarray(v, np.float64)
@@ -323,9 +353,14 @@ def markdown(report: dict) -> str:
     for run, per in tails.items():
       vals = list(per.values())
       cells = [ms([v["tail_task_accuracy"][t] for v in vals]) for t in range(n)]
+      extra = ""
+      if "tail_others" in vals[0]:
+        w = [v["tail_hard_weight"] for v in vals]
+        extra = (f" {ms([v['tail_others'] for v in vals])} | "
+                 f"{'n/a' if any(math.isnan(x) for x in w) else f'{np.mean(w):.3f}'} |")
       lines.append(f"| {run} | {len(vals)} | " + " | ".join(cells) +
                    f" | {ms([v['tail_avg'] for v in vals])} | "
-                   f"{ms([v['tail_worst'] for v in vals])} |")
+                   f"{ms([v['tail_worst'] for v in vals])} |" + extra)
   final = report.get("final_task_accuracy", {})
   if final:
     lines += ["", "Final per-task test accuracy (%):", "", "| run | " + " | ".join(
@@ -412,11 +447,12 @@ def plot_weights(runs: Sequence[dict], names: Sequence[str], path: str,
 
 
 def write_outputs(root: str, out: str, curve_runs: Sequence[str] = ("static",),
-                  weight_runs: Sequence[str] = (), title: Optional[str] = None) -> dict:
+                  weight_runs: Sequence[str] = (), title: Optional[str] = None,
+                  hard_task: Optional[int] = None) -> dict:
   """Writes pareto.*, report.{md,json}, curves.png and weights.png to ``out``."""
   os.makedirs(out, exist_ok=True)
   pareto.write_outputs(root, out, title=title)
-  report = build_report(root)
+  report = build_report(root, hard_task=hard_task)
   with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, sort_keys=True)
   with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
@@ -434,6 +470,8 @@ def define_flags() -> None:
   flags.DEFINE_list("curve_runs", ["static"], "Runs whose per-task curves to plot.")
   flags.DEFINE_list("weight_runs", [], "Runs whose task weights to plot.")
   flags.DEFINE_string("title", None, "Figure title.")
+  flags.DEFINE_integer("hard_task", None, "Index of the task made harder (label noise): adds "
+                       "the other tasks' accuracy, the weight on it and section 2.3's claims.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -442,7 +480,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     if not f.root or not f.out:
       raise ValueError("--root and --out are required.")
-    report = write_outputs(f.root, f.out, f.curve_runs, f.weight_runs, f.title)
+    report = write_outputs(f.root, f.out, f.curve_runs, f.weight_runs, f.title, f.hard_task)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(1)

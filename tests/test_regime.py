@@ -176,3 +176,20 @@ def test_plateau_stats():
   assert p["steps"] == [0, 700]
   assert p["tasks"][0]["plateau"] and not p["tasks"][1]["plateau"]
   assert regime_report.plateau_stats(flat[:5]) is None
+
+
+def test_report_hard_task_claims(tmp_path):
+  root = tmp_path / "runs"
+  for seed in range(2):
+    for name, method, accs in (("static", "static", [0.3, 0.7, 0.7]),
+                               ("dro-eta1e-2", "dro", [0.35, 0.5, 0.5 + 0.01 * seed]),
+                               ("ldro-eta1e-3-lam1e-2", "ldro", [0.32, 0.65, 0.66])):
+      _write_run(root, name, method, seed, [(100 * i, accs) for i in range(5)])
+  report = regime_report.build_report(str(root), hard_task=0)
+  tail = report["tail"]["dro-eta1e-2"]["0"]
+  assert abs(tail["tail_others"] - 0.5) < 1e-9 and np.isnan(tail["tail_hard_weight"])
+  claims = {c["claim"]: c for c in report["claims"]}
+  c = claims["DRO (eta 1e-2) loses accuracy on the other tasks against static mixing "
+             "(static - DRO > 0)"]
+  assert c["verdict"] == "holds" and set(c["diffs"]) == {"0", "1"}
+  assert "avg of other tasks" in regime_report.markdown(report)
