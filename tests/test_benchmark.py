@@ -13,15 +13,20 @@ from experiments.benchmark import references
 from experiments.benchmark import workloads
 
 
+#: The quick run's --methods: one periodic lean variant and the per-method rows of four
+#: registered methods (L-DRO's own per-method row is 'L-DRO T=100 (jacobian)').
+METHODS = ("L-DRO T=100", "PCGrad (jacobian)", "EW (jacobian)", "RLW (jacobian)")
+
+
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   # The quick path, trimmed further to stay fast: one periodic lean method
-  # (refresh under lax.cond) and the per-method rows of three registered
-  # methods (N = 4, tiny CNN), two Gram strategies at N = 2.
+  # (refresh under lax.cond) and a few per-method rows (N = 4, tiny CNN), two
+  # Gram strategies at N = 2.
   res = benchmark.main(["--quick", "--out", str(out), "--rounds", "1", "--scaling_ns", "2",
                         "--sections", "cnn,scaling,memory,solvers",
-                        "--methods", "L-DRO T=100,PCGrad (jacobian),EW (jacobian),RLW (jacobian)",
+                        "--methods", ",".join(METHODS),
                         "--strategies", "pairwise,jacrev"])
   return out, res
 
@@ -78,7 +83,7 @@ def test_per_method_rows_read_the_registry(quick_result):
   _, res = quick_result
   table = {m["method"]: m for m in res["methods"]}
   want = {s.method for s in workloads.per_method_specs()[0]
-          if any(x in s.label for x in ("PCGrad (jacobian)", "EW (jacobian)", "RLW (jacobian)"))}
+          if any(x in s.label for x in METHODS)}
   assert want and set(table) == want
   rows = {r["label"]: r for r in res["cnn"]["tiny"]["rows"]}
   for name, m in table.items():
