@@ -102,12 +102,11 @@ STEPS = "train_and_evaluate.num_steps=3"
     (["method.hparams={'lookahead_lr': 0.1, 'bogus': 1}"], ["'ldro'", "bogus"]),
     (["train_and_evaluate.num_steps="], ["cannot parse", "train_and_evaluate.num_steps="]),
     (["train_and_evaluate.nonfinite='ignore'"], ["nonfinite", "'ignore'"]),
+    # One of the value checks through the CLI (all of them: test_bad_value_names_its_binding).
     (["optax.sgd.learning_rate='fast'"], ["optax.sgd.learning_rate", "'fast'"]),
-    (["train_and_evaluate.num_steps='five'"], ["train_and_evaluate.num_steps", "'five'"]),
-    (["WEIGHT_LR=-0.5"], ["weight_lr", "-0.5", "method.hparams['weight_lr'] = %WEIGHT_LR"]),
 ], ids=["unknown_method", "task_count", "task_count_baselines", "unknown_param", "unknown_param_experiment",
         "unknown_configurable", "unknown_method_hparam", "gin_syntax", "bad_policy",
-        "optimizer_lr_type", "runner_int_type", "method_rate_sign"])
+        "optimizer_lr_type"])
 def test_runner_one_line(tmp_path, bindings, needles):
   proc = run_train(str(tmp_path / "w"), STEPS, *bindings)
   assert_one_error_line(proc, *needles)
