@@ -153,6 +153,8 @@ def check_hparam(value: Any, name: str, method: str, *, low: float = -math.inf,
   Raises:
     ValueError: naming the method, the parameter and the allowed range.
   """
+  if isinstance(value, (str, bytes)):
+    raise ValueError(f"{method}: {name} must be a number, got {value!r}.")
   if not is_static(value):
     return value
   if isinstance(value, (bool, np.bool_)):

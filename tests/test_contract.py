@@ -260,6 +260,8 @@ def test_unknown_method_and_bad_hyperparameters_name_the_problem():
     ldro.get_method("ldro", num_tasks=2, weight_lr=-0.5)
   with pytest.raises(ValueError, match="weight_lr must be finite"):
     ldro.get_method("dro", num_tasks=2, weight_lr=float("nan"))
+  with pytest.raises(ValueError, match="weight_lr must be a number, got 'fast'"):
+    ldro.ldro_weights(2, 0.1, weight_lr="fast")
   with pytest.raises(ValueError, match="update_every must be in"):
     ldro.get_method("ldro", num_tasks=2, update_every=0)
 
