@@ -45,10 +45,14 @@ case "${1:-start}" in
   _lane_a) lane_a ;;
   _lane_b) lane_b ;;
   _lane_c) lane_c ;;
-  stop)
+  stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
+         # exits, the sweep records the attempt's wall-clock; waits until they are gone.
     for lane in a b c; do
       if [ -f $W/lane_$lane.pid ]; then
-        kill -TERM -- -"$(cat $W/lane_$lane.pid)" 2>/dev/null && echo "lane $lane stopped"
+        pg=$(cat $W/lane_$lane.pid)
+        kill -TERM -- -"$pg" 2>/dev/null && echo "lane $lane: stopping (process group $pg)"
+        for _ in $(seq 300); do kill -0 -- -"$pg" 2>/dev/null || break; sleep 1; done
+        kill -0 -- -"$pg" 2>/dev/null && echo "lane $lane: still running after 300 s" || echo "lane $lane stopped"
         rm -f $W/lane_$lane.pid
       fi
     done ;;
