@@ -30,8 +30,15 @@ from absl import flags
 from experiments import train as train_lib
 from experiments.families import worst_group_synthetic as family
 
-# --gin_file and --gin_bindings are experiments.train's flags (same meaning).
-_OUT = flags.DEFINE_string("out", None, "Output directory (none: print only).")
+# --gin_file and --gin_bindings are experiments.train's flags (same meaning). --out is defined
+# only when this module is the program (experiments.synthetic, also imported by the tests,
+# defines its own --out).
+_OUT = None
+
+
+def define_flags() -> None:
+  global _OUT
+  _OUT = flags.DEFINE_string("out", None, "Output directory (none: print only).")
 
 DEFAULT_CONFIG = "gin_configs/worst_group_synthetic/paper.gin"
 
@@ -54,4 +61,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
