@@ -218,7 +218,15 @@ def _worker(cfg):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from experiments.runner import host_input, loop, sharding  # pylint: disable=g-import-not-at-top
-  sharding.initialize_distributed(f"127.0.0.1:{cfg['port']}", 2, cfg["process_id"])
+  # A long heartbeat timeout: on a loaded machine a process can go quiet for a while.
+  jax.distributed.initialize(f"127.0.0.1:{cfg['port']}", 2, cfg["process_id"],
+                             heartbeat_timeout_seconds=600)
+  # Gloo sets up its CPU collectives at the first one and gives the other process 30 s to
+  # arrive; on a loaded machine process starts can drift apart by more. Meet at a barrier of
+  # the coordination service (no such limit) and run a first collective together.
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(f"ldro_{cfg['phase']}_start", 600_000)
+  multihost_utils.sync_global_devices(f"ldro_{cfg['phase']}_gloo")
   pid, out = jax.process_index(), cfg["out"]
   mesh = sharding.make_mesh(MESH)
   result = {}
@@ -344,6 +352,9 @@ def per_host_run(tmp_path_factory):
   port = _free_port()
   procs = _launch_workers(dict(cfg, phase="resume", port=port), [_env(port, extra)] * 2)
   outs_resume = _wait(procs, PER_HOST_TIMEOUT)
+  import resource  # pylint: disable=g-import-not-at-top
+  cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+  print(f"per-host run: {cpu.ru_utime + cpu.ru_stime:.0f} s CPU in this module's subprocesses")
   workers = []
   for i in range(2):
     with open(out / f"worker{i}.json") as f:
