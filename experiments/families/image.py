@@ -88,51 +88,6 @@ def load_task_data(dataset: str, data_dir: Optional[str],
   return images_lib.load_imagefolder_pair_tasks(data_dir, pairs)
 
 
-def task_cross_entropy(model: Any, params: PyTree, task_batch: PyTree):
-  """Mean cross-entropy of one task's examples under the shared softmax.
-
-  The loss of :meth:`ImageClassificationExperiment.task_loss`, as a function of
-  the model (reused by ``experiments.benchmark``).
-
-  Args:
-    model: the Flax CNN (e.g. ``MODELS['small'](num_classes=100)``).
-    params: its variables.
-    task_batch: ``{'image': [b, H, W, C] float32, 'label': [b] int32}``
-      (global class ids).
-
-  Returns:
-    ``(loss, {'accuracy': train accuracy on the slice})``.
-  """
-  logits = model.apply(params, task_batch["image"]).astype(jnp.float32)
-  labels = task_batch["label"]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return loss, {"accuracy": acc}
-
-
-def grouped_cross_entropy(model: Any, params: PyTree, batch: PyTree):
-  """All task losses of a grouped batch from one model application.
-
-  The losses of :meth:`ImageClassificationExperiment.grouped_losses`, as a
-  function of the model (reused by ``experiments.benchmark``); equal to
-  ``vmap`` of :func:`task_cross_entropy` over the task axis.
-
-  Args:
-    model: the Flax CNN.
-    params: its variables.
-    batch: ``{'image': [N, b, H, W, C], 'label': [N, b]}``.
-
-  Returns:
-    ``(losses [N], {'accuracy': [N]})``.
-  """
-  images, labels = batch["image"], batch["label"]
-  logits = model.apply(params, images.reshape((-1,) + images.shape[2:]))
-  logits = logits.astype(jnp.float32).reshape(labels.shape + logits.shape[-1:])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=1)
-  acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
-  return losses, {"accuracy": acc}
-
-
 def build_model(model: str, num_classes: int, conv_impl: str = "auto",
                 model_kwargs: Optional[dict] = None):
   """The CNN ``MODELS[model]`` with optional field overrides (e.g. ``{'features': 8}``).
