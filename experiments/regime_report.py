@@ -326,14 +326,15 @@ def markdown(report: dict) -> str:
   lines += ["", "| claim | paired differences per seed | mean ± SE | verdict |",
             "|---|---|---|---|"]
   for c in report["claims"]:
-    scale = 1.0 if c["metric"] == "hypervolume" else 100.0
-    digits = 4 if c["metric"] == "hypervolume" else 2
+    scale = 1.0 if c["metric"] in ("hypervolume", "tail_hard_weight") else 100.0
+    digits = {"hypervolume": 4, "tail_hard_weight": 3}.get(c["metric"], 2)
     d = ", ".join(f"s{k}: {scale * v:+.{digits}f}" for k, v in c["diffs"].items())
     se = "" if math.isnan(c["se"]) else f" ± {scale * c['se']:.{digits}f}"
     lines.append(f"| {c['claim']} | {d} | {scale * c['mean']:+.{digits}f}{se} | "
                  f"**{c['verdict']}** |")
   lines.append("")
-  lines.append("(hypervolume in accuracy fractions; accuracy differences in points.)")
+  lines.append("(hypervolume in accuracy fractions; accuracy differences in points; weights "
+               "as fractions.)")
   plats = {k: v for k, v in report.get("plateau_equal_weights", {}).items() if v}
   if plats:
     lines += ["", "Equal weights, per-task training loss (500 fixed training examples per task): "
