@@ -420,9 +420,12 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
                                                                    jnp.float32)
     if w0.shape != (n,):
       raise ValueError(f"{name}: initial weights must have shape ({n},), got {w0.shape}.")
-    return WeightingState(count=jnp.zeros([], jnp.int32), task_weights=w0,
-                          gram=jnp.zeros((n, n), jnp.float32),
-                          method_state=rule.init_state(n))
+    state = WeightingState(count=jnp.zeros([], jnp.int32), task_weights=w0,
+                           gram=jnp.zeros((n, n), jnp.float32),
+                           method_state=rule.init_state(n))
+    # Every leaf its own buffer: train steps donate the state, and a method may
+    # hand out one array twice (a closure constant, a shared zeros array).
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
 
   def update_fn(updates, state, params=None, *, task_losses=None, task_mask=None, key=None,
                 task_vjp: Optional[Callable[[Array], Any]] = None,
