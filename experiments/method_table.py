@@ -17,7 +17,7 @@ from absl import flags
 import ldro
 
 _BENCHMARK = flags.DEFINE_string(
-    "benchmark", None, "benchmark JSON with per-method rows (method, ratio_to_plain).")
+    "benchmark", None, "benchmark JSON with per-method rows (methods: method, ratio_to_plain, solver_ms).")
 
 
 def overheads(path: Optional[str]) -> dict:
@@ -27,7 +27,7 @@ def overheads(path: Optional[str]) -> dict:
   with open(path, encoding="utf-8") as f:
     res = json.load(f)
   out = {}
-  for row in res.get("method_rows", []):
+  for row in res.get("methods", []):
     out[row["method"]] = (row.get("ratio_to_plain"), row.get("solver_ms"))
   return out
 
