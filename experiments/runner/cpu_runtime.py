@@ -172,11 +172,11 @@ def describe() -> dict:
 
 
 if __name__ == "__main__":
-  # `python -m experiments.cpu_runtime`: applies the settings and prints them
+  # `python -m experiments.runner.cpu_runtime`: applies the settings and prints them
   # (with the PID before and after, which the re-exec keeps) as JSON.
   import json  # pylint: disable=g-import-not-at-top
   if "LDRO_PID_BEFORE" not in os.environ:
     os.environ["LDRO_PID_BEFORE"] = str(os.getpid())
-  configure_process("experiments.cpu_runtime")
+  configure_process("experiments.runner.cpu_runtime")
   print(json.dumps(dict(describe(), pid_before=int(os.environ["LDRO_PID_BEFORE"]),
                         pid=os.getpid())))
