@@ -195,11 +195,11 @@ def test_load_imagefolder_pair_tasks_errors(tmp_path):
     images_lib.load_imagefolder_pair_tasks(root, (("cat", "cat"),),
                                            use_cache=False)
 
-  # A class without test images leaves its task without test examples.
+  # A class without test images is refused, naming the folder and its task.
   (root / "test" / "dog" / "0000.jpg").unlink()
   (root / "test" / "cat" / "0000.jpg").unlink()
   _write_folder(root, classes=("bird",), n_train=1, n_test=1)
-  with pytest.raises(ValueError, match=r"cat/dog.*no test"):
+  with pytest.raises(ValueError, match=r"test/cat.* has no images: class .cat. of task .cat/dog."):
     images_lib.load_imagefolder_pair_tasks(
         root, (("cat", "dog"), ("bird", "cat")), use_cache=False)
 
