@@ -220,19 +220,16 @@ def factory_kwargs(name: str, n: int, overrides: Optional[dict] = None) -> dict:
 def refresh_period(name: str, overrides: Optional[dict] = None) -> Optional[int]:
   """The declared Gram refresh period ``T`` of a method (None: it needs no Gram matrix).
 
-  Read from the method's hyper-parameters (defaults merged with
-  ``overrides``) by the library's naming convention: the integer argument
-  whose name ends in ``every`` (``update_every``, ``update_weights_every``);
-  1 if there is none. The timing harness checks it on the compiled step
-  (:func:`experiments.benchmark.harness.check_period`).
+  Read from the built transformation's rule (``tx.rule.refresh_every``), with
+  the method's defaults merged with ``overrides``. The timing harness checks
+  it on the compiled step (:func:`experiments.benchmark.harness.check_period`).
   """
   info = ldro.method_info(name)
   if "gram" not in info.needs:
     return None
-  args = {**info.defaults, **dict(overrides or {})}
-  every = [v for k, v in sorted(args.items()) if k.endswith("every")
-           and isinstance(v, (int, np.integer)) and not isinstance(v, bool)]
-  return int(every[0]) if every else 1
+  # The period does not depend on the number of tasks; any N builds the rule.
+  tx = ldro.get_method(name, num_tasks=2, **dict(overrides or {}))
+  return int(tx.rule.refresh_every)
 
 
 @dataclasses.dataclass(frozen=True)
