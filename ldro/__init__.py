@@ -49,6 +49,8 @@ from ldro.loss_balancing import imtl
 from ldro.loss_balancing import imtl_l
 from ldro.loss_balancing import uw
 from ldro.conflict_projection import pcgrad
+from ldro.meta_weighting import moml
+from ldro.meta_weighting import MOMLState
 from ldro.conflict_projection import pcgrad_coefficients
 from ldro.random_weighting import random_gradient_weighting
 from ldro.random_weighting import random_loss_weighting
@@ -128,6 +130,8 @@ __all__ = (
     "mgda",
     "mgda_coefficients",
     "mixing_weights",
+    "moml",
+    "MOMLState",
     "nash_mtl",
     "nash_mtl_solve",
     "NashMTLState",

@@ -43,6 +43,8 @@ class MethodInfo:
     kind: ``'static'``, ``'loss'`` (weights from the losses), ``'dro'``
       (worst-case weights) or ``'gradient'`` (coefficients from the
       gradients).
+    prefer: the mode the runner picks by default, or None (see
+      :attr:`preferred_mode`).
   """
   name: str
   factory: Callable[..., optax.GradientTransformationExtraArgs]
@@ -52,10 +54,14 @@ class MethodInfo:
   modes: tuple
   defaults: Mapping[str, Any]
   kind: str
+  prefer: Optional[str] = None
 
   @property
   def preferred_mode(self) -> str:
-    """``'lean'`` (one ordinary backward pass a step) when supported, else ``'jacobian'``."""
+    """The registered preference, else ``'lean'`` (one ordinary backward pass a step) when
+    supported, else ``'jacobian'``."""
+    if self.prefer is not None:
+      return self.prefer
     return "lean" if "lean" in self.modes else "jacobian"
 
 
@@ -72,6 +78,7 @@ def register_method(
     modes: Iterable[str] = MODES,
     defaults: Optional[Mapping[str, Any]] = None,
     kind: str = "gradient",
+    prefer: Optional[str] = None,
 ) -> MethodInfo:
   """Registers ``factory`` under ``name`` (overwrites an existing entry).
 
@@ -84,6 +91,8 @@ def register_method(
     modes: subset of ``('jacobian', 'lean')``.
     defaults: the paper's default hyper-parameters.
     kind: one of :data:`KINDS`.
+    prefer: the default mode when it is not the cheapest by the rule of
+      :attr:`MethodInfo.preferred_mode` (one of ``modes``).
 
   Returns:
     The new :class:`MethodInfo`.
@@ -102,9 +111,13 @@ def register_method(
                      "cannot support lean mode.")
   if kind not in KINDS:
     raise ValueError(f"register_method({name!r}): kind must be one of {KINDS}, got {kind!r}.")
+  if prefer is not None and prefer not in modes:
+    raise ValueError(f"register_method({name!r}): prefer={prefer!r} is not one of its modes "
+                     f"{modes}.")
   info = MethodInfo(name=name, factory=factory, label=label or name, reference=reference,
                     needs=needs, modes=modes,
-                    defaults=types.MappingProxyType(dict(defaults or {})), kind=kind)
+                    defaults=types.MappingProxyType(dict(defaults or {})), kind=kind,
+                    prefer=prefer)
   _METHODS[name] = info
   return info
 

@@ -149,6 +149,7 @@ def make_train_step(
     param_shardings: Optional[PyTree] = None,
     losses_fn: Optional[Callable[..., tuple[Array, Any]]] = None,
     reuse_refresh_grads: Optional[bool] = None,
+    val_grads: bool = False,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   """Builds the multitask train step (pure; wrap it in ``jax.jit``).
 
@@ -184,6 +185,13 @@ def make_train_step(
       convolution-free models keep their speed). ``None`` (default): reuse on
       GPU and TPU, not on the CPU backend; pass ``True`` on CPU for models
       whose backward pass is known to be fast under ``lax.cond``.
+    val_grads: for methods that read a validation gradient (MOML,
+      ``'val_grads'`` in ``ldro.method_info(name).needs``): the batch is then
+      ``{'train': grouped batch, 'val': grouped validation batch}`` (held-out
+      training data, never the test split), and the step hands the gradient
+      of the validation batch's mean task loss to the transformation as the
+      ``val_grads`` extra argument (one more backward pass, on the
+      validation batch).
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; metrics hold ``task_losses``
@@ -199,6 +207,16 @@ def make_train_step(
     reuse_refresh_grads = jax.default_backend() != "cpu"
 
   def step(state: TrainState, batch: PyTree):
+    extra_args = {}
+    if val_grads:
+      if not (isinstance(batch, dict) and set(batch) == {"train", "val"}):
+        raise ValueError("make_train_step(val_grads=True) needs the batch "
+                         "{'train': ..., 'val': ...} (a validation batch for the method).")
+      batch, val_batch = batch["train"], batch["val"]
+      extra_args["val_grads"] = _constrain(
+          _validation_grads(task_loss_fn, batched_losses_fn, state.params, val_batch,
+                            jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 2)),
+          param_shardings)
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     key = jax.random.fold_in(state.rng, state.step)
     loss_key, tx_key = jax.random.split(key)
@@ -218,7 +236,8 @@ def make_train_step(
       task_grads = _constrain(task_grads, param_shardings, stacked=True)
       mask = _task_mask(aux)
       updates, opt_state = tx.update(task_grads, state.opt_state, state.params,
-                                     task_losses=losses, task_mask=mask, key=tx_key)
+                                     task_losses=losses, task_mask=mask, key=tx_key,
+                                     **extra_args)
     else:
       if batched_losses_fn is not None:
         all_losses = lambda params: batched_losses_fn(params, batch, loss_key)
@@ -241,13 +260,28 @@ def make_train_step(
             state.params, sliced, chunk_size)}
       updates, opt_state = tx.update(None, state.opt_state, state.params, task_losses=losses,
                                      task_mask=mask, key=tx_key, task_vjp=vjp_fn,
-                                     **refresh_args)
+                                     **refresh_args, **extra_args)
     updates = _constrain(updates, param_shardings)
     new_params = optax.apply_updates(state.params, updates)
     extra = {k: v for k, v in aux.items()} if isinstance(aux, dict) else {}
     return _finish(state, new_params, opt_state, losses, updates, extra)
 
   return step
+
+
+def _validation_grads(task_loss_fn, grouped_losses_fn, params, val_batch, key) -> PyTree:
+  """Gradient of the validation batch's mean task loss (tasks weighted equally)."""
+  n = jax.tree_util.tree_leaves(val_batch)[0].shape[0]
+
+  def mean_loss(p):
+    if grouped_losses_fn is not None:
+      losses = grouped_losses_fn(p, val_batch, key)[0]
+    else:
+      keys = jax.random.split(key, n)
+      losses = jax.vmap(lambda tb, k: task_loss_fn(p, tb, k)[0])(val_batch, keys)
+    return jnp.mean(losses)
+
+  return jax.grad(mean_loss)(params)
 
 
 def _task_mask(aux: Any) -> Optional[Array]:

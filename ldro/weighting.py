@@ -259,6 +259,9 @@ class TaskStats(NamedTuple):
     key: PRNG key, or ``None``.
     weights: ``[N]`` coefficients of the previous update (the method's
       initial weights at the first step).
+    val_dots: ``[N]`` float32 ``g_i . g_val``, each task gradient's dot
+      product with the gradient of a validation batch; ``None`` unless the
+      method needs it (``Rule.needs_val_grads``).
   """
   losses: Optional[Array]
   mask: Optional[Array]
@@ -267,6 +270,7 @@ class TaskStats(NamedTuple):
   count: Array
   key: Optional[Array]
   weights: Array
+  val_dots: Optional[Array] = None
 
   @property
   def present(self) -> Array:
@@ -314,6 +318,10 @@ class Rule:
     needs_losses: the rule reads ``stats.losses`` (required extra arg).
     needs_gram: the rule reads ``stats.gram``.
     needs_key: the rule reads ``stats.key`` (required extra arg).
+    needs_val_grads: the rule reads ``stats.val_dots`` (the ``val_grads``
+      extra arg, the gradient of a validation batch, is required; the core
+      forms ``g_i . g_val`` from the per-task gradients, or in lean mode
+      from ``task_vjp`` by transposition, :func:`task_dots`).
     refresh_every: Gram refresh interval (steps ``0, k, 2k, ...``); may be a
       traced value under ``inject_hyperparams``.
     lean: the method supports lean mode. ``False`` for methods whose update
@@ -333,6 +341,7 @@ class Rule:
   needs_losses: bool = False
   needs_gram: bool = False
   needs_key: bool = False
+  needs_val_grads: bool = False
   refresh_every: Any = 1
   lean: bool = True
   lean_hint: str = ""
@@ -362,6 +371,52 @@ def filtered_gram(task_grads: PyTree, keep: Optional[Callable[[str], bool]], met
     raise ValueError(f"{method}: the parameter filter selects no parameter; paths are: "
                      f"{', '.join(paths[:20])}{' ...' if len(paths) > 20 else ''}.")
   return lookahead.task_gram(leaves)
+
+
+def task_dots(task_grads: Optional[PyTree], task_vjp: Optional[Callable[[Array], Any]],
+              vector: PyTree, num_tasks: int, method: str, dtype=jnp.float32) -> Array:
+  """``[N]`` dot products ``g_i . v`` of the task gradients with a params-shaped ``v``.
+
+  Jacobian mode: from the per-task gradients (``O(N P)``). Lean mode: ``J v``
+  is the transpose of the linear map ``c -> task_vjp(c) = J^T c``
+  (``jax.linear_transpose``; about the cost of one more backward pass, and it
+  works for layers with a custom VJP, which forward-mode ``jax.jvp`` refuses).
+
+  Args:
+    task_grads: per-task gradients (leading axis ``N``), or None in lean mode.
+    task_vjp: lean mode's VJP of the task losses, or None.
+    vector: ``v``, a pytree shaped like the parameters.
+    num_tasks: ``N``.
+    method: the method's name (error messages).
+    dtype: dtype of the task losses (the cotangent ``task_vjp`` takes).
+
+  Returns:
+    ``[N]`` float32.
+  """
+  if task_vjp is None:
+    g_leaves, g_def = jax.tree_util.tree_flatten(task_grads)
+    v_leaves, v_def = jax.tree_util.tree_flatten(vector)
+    if g_def != v_def or any(g.shape[1:] != v.shape for g, v in zip(g_leaves, v_leaves)):
+      raise ValueError(f"{method}: val_grads must have the structure and shapes of the "
+                       f"parameters (one task's gradient); got {v_def} vs {g_def}.")
+    return sum(jnp.tensordot(g.reshape(num_tasks, -1).astype(jnp.float32),
+                             v.reshape(-1).astype(jnp.float32), axes=1)
+               for g, v in zip(g_leaves, v_leaves))
+  f = lambda c: pull_back(task_vjp, c)  # pylint: disable=unnecessary-lambda-assignment
+  primal = jax.ShapeDtypeStruct((num_tasks,), dtype)
+  out = jax.eval_shape(f, primal)
+  if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(vector):
+    raise ValueError(f"{method}: val_grads must have the structure of the parameters; got "
+                     f"{jax.tree_util.tree_structure(vector)} vs {jax.tree_util.tree_structure(out)}.")
+  vector = jax.tree_util.tree_map(lambda v, o: jnp.asarray(v, o.dtype).reshape(o.shape),
+                                  vector, out)
+  try:
+    (dots,) = jax.linear_transpose(f, primal)(vector)
+  except NotImplementedError as e:  # e.g. a custom_vjp layer: its backward has no transpose
+    raise ValueError(
+        f"{method}: lean mode forms g_i . g_val by transposing task_vjp, which this model does "
+        f"not support ({str(e).splitlines()[0]}); use Jacobian mode (mode='jacobian').") from None
+  return dots.astype(jnp.float32)
 
 
 def _is_static_one(k: Any) -> bool:
@@ -401,8 +456,9 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
 
   Returns:
     The transformation; extra args ``task_losses``, ``task_mask``, ``key``,
-    ``task_vjp``, ``gram_fn``, ``gram``, ``task_grads_fn`` (others are ignored,
-    so the method composes in ``optax.chain`` with any other).
+    ``task_vjp``, ``gram_fn``, ``gram``, ``task_grads_fn``, ``val_grads``
+    (others are ignored, so the method composes in ``optax.chain`` with any
+    other).
   """
   name = rule.name
   if (rule.coefficients is None) == (rule.aggregate is None):
@@ -432,6 +488,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
                 gram_fn: Optional[Callable[[], Array]] = None,
                 gram: Optional[Array] = None,
                 task_grads_fn: Optional[Callable[[], PyTree]] = None,
+                val_grads: Optional[PyTree] = None,
                 **extra_args):
     del params, extra_args
     n = state.task_weights.shape[0]
@@ -469,6 +526,19 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
         raise ValueError(f"{name}: task_grads_fn=... replaces gram_fn/gram; pass task_vjp and "
                          f"task_grads_fn only (got {', '.join(given)}).")
 
+    val_dots = None
+    if rule.needs_val_grads:
+      if val_grads is None:
+        raise ValueError(
+            f"{name}: the 'val_grads' extra argument (the gradient of a validation batch, "
+            "shaped like the parameters) is required; ldro.train.make_train_step(..., "
+            "val_grads=True) computes it from a {'train': ..., 'val': ...} batch.")
+      dtype = jnp.float32 if task_losses is None else jnp.asarray(task_losses).dtype
+      val_dots = task_dots(None if lean else updates, task_vjp if lean else None, val_grads,
+                           n, name, dtype)
+      if mask is not None:
+        val_dots = jnp.where(mask, val_dots, 0.0)
+
     def checked_gram(g):
       g = jnp.asarray(g)
       if g.shape != (n, n):
@@ -479,7 +549,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
       """(output or None, c, method state, Gram) at this step, guarded."""
       stats = TaskStats(losses=losses, mask=mask, gram=g if rule.needs_gram else None,
                         refreshed=jnp.asarray(refreshed, bool), count=state.count, key=key,
-                        weights=state.task_weights)
+                        weights=state.task_weights, val_dots=val_dots)
       out = None
       if rule.aggregate is not None:
         out, c, ms = rule.aggregate(task_grads, stats, state.method_state)
@@ -493,6 +563,8 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
         ok &= jnp.all(jnp.isfinite(losses))
       if rule.needs_gram:
         ok &= jnp.all(jnp.isfinite(g))
+      if val_dots is not None:
+        ok &= jnp.all(jnp.isfinite(val_dots))
       new = (c, ms, g)
       old = (state.task_weights, state.method_state, state.gram)
       c, ms, g = _select(ok, new, old)
@@ -625,7 +697,8 @@ def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> Tas
     inner = stats._replace(
         weights=state.gradient_coefficients, key=keys[1],
         losses=None if stats.losses is None else lam * stats.losses,
-        gram=None if stats.gram is None else stats.gram * lam[:, None] * lam[None, :])
+        gram=None if stats.gram is None else stats.gram * lam[:, None] * lam[None, :],
+        val_dots=None if stats.val_dots is None else lam * stats.val_dots)
     return lam, ls, inner
 
   def coefficients(stats: TaskStats, state: CombinedState):
@@ -648,6 +721,7 @@ def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> Tas
       needs_losses=lw.needs_losses or gm.needs_losses,
       needs_gram=gm.needs_gram,
       needs_key=lw.needs_key or gm.needs_key,
+      needs_val_grads=lw.needs_val_grads or gm.needs_val_grads,
       refresh_every=gm.refresh_every,
       lean=lw.lean and gm.lean,
       lean_hint=gm.lean_hint or lw.lean_hint,

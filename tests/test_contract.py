@@ -59,15 +59,14 @@ def problem(n: int = N, seed: int = 0, scale=None):
   return theta, losses_fn
 
 
-def extra(info, losses, key):
-  kw = {"key": key}
-  kw["task_losses"] = losses
-  return kw
+#: A validation-batch gradient (shaped like ``theta``), for methods that need
+#: ``val_grads`` (MOML); the others ignore the extra argument.
+VAL = {"w": jnp.linspace(-1.0, 1.0, D, dtype=jnp.float32)}
 
 
 def jac_update(tx, losses_fn, theta, state, key):
   grads = jax.jacrev(losses_fn)(theta)
-  return tx.update(grads, state, theta, task_losses=losses_fn(theta), key=key)
+  return tx.update(grads, state, theta, task_losses=losses_fn(theta), key=key, val_grads=VAL)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -91,20 +90,25 @@ def test_contract(name):
   grads = jax.jacrev(losses_fn)(theta)
   if "losses" in info.needs:
     with pytest.raises(ValueError, match="task_losses"):
-      tx.update(grads, state0, theta, key=key)
+      tx.update(grads, state0, theta, key=key, val_grads=VAL)
   if "key" in info.needs:
     with pytest.raises(ValueError, match="PRNG key"):
-      tx.update(grads, state0, theta, task_losses=losses_fn(theta))
+      tx.update(grads, state0, theta, task_losses=losses_fn(theta), val_grads=VAL)
+  if "val_grads" in info.needs:
+    with pytest.raises(ValueError, match="val_grads"):
+      tx.update(grads, state0, theta, task_losses=losses_fn(theta), key=key)
   lean_vjp = jax.vjp(losses_fn, theta)[1]
   if "lean" not in info.modes:
     with pytest.raises(ValueError, match="Jacobian mode"):
       tx.update(None, state0, theta, task_losses=losses_fn(theta), key=key, task_vjp=lean_vjp,
-                gram_fn=lambda: ldro.task_gram(grads))
+                gram_fn=lambda: ldro.task_gram(grads), val_grads=VAL)
   elif "gram" in info.needs:
     with pytest.raises(ValueError, match="gram_fn"):
-      tx.update(None, state0, theta, task_losses=losses_fn(theta), key=key, task_vjp=lean_vjp)
+      tx.update(None, state0, theta, task_losses=losses_fn(theta), key=key, task_vjp=lean_vjp,
+                val_grads=VAL)
   else:  # needs no Gram matrix: lean mode works with the VJP alone
-    tx.update(None, state0, theta, task_losses=losses_fn(theta), key=key, task_vjp=lean_vjp)
+    tx.update(None, state0, theta, task_losses=losses_fn(theta), key=key, task_vjp=lean_vjp,
+              val_grads=VAL)
 
   # Under jit, in a chain; the state keeps its structure, shapes and dtypes.
   chain = optax.chain(tx, optax.sgd(0.1))
@@ -130,7 +134,8 @@ def test_contract(name):
 
   # bf16 gradients give a bf16 update.
   bf16 = jax.tree.map(lambda g: g.astype(jnp.bfloat16), grads)
-  out, _ = jax.jit(lambda g, s: tx.update(g, s, theta, task_losses=losses_fn(theta), key=key))(
+  out, _ = jax.jit(lambda g, s: tx.update(g, s, theta, task_losses=losses_fn(theta), key=key,
+                                          val_grads=VAL))(
       bf16, state0)
   assert out["w"].dtype == jnp.bfloat16
 
@@ -174,8 +179,9 @@ def test_permutation_equivariance(name):
   step = jax.jit(tx.update)
   step_p = step if tx_p is tx else jax.jit(tx_p.update)
   for _ in range(2):
-    u, s = step(grads, s, theta, task_losses=losses)
-    u_p, s_p = step_p(jax.tree.map(lambda g: g[p], grads), s_p, theta, task_losses=losses[p])
+    u, s = step(grads, s, theta, task_losses=losses, val_grads=VAL)
+    u_p, s_p = step_p(jax.tree.map(lambda g: g[p], grads), s_p, theta, task_losses=losses[p],
+                      val_grads=VAL)
   # atol: float32 solvers (the exact L-DRO Nash) resolve weights near 0 to ~1e-4.
   np.testing.assert_allclose(np.asarray(ldro.task_weights(s))[p], ldro.task_weights(s_p),
                              rtol=1e-4, atol=1e-4)
@@ -207,7 +213,8 @@ def test_degenerate_inputs_give_finite_output(name):
   for case, grads, losses, n in cases:
     state = txs[n].init(theta)
     for t in range(2):
-      u, state = steps[n](grads, state, theta, task_losses=losses, key=jax.random.key(t))
+      u, state = steps[n](grads, state, theta, task_losses=losses, key=jax.random.key(t),
+                          val_grads=VAL)
       assert np.all(np.isfinite(np.asarray(u["w"]))), case
       assert np.all(np.isfinite(np.asarray(ldro.task_weights(state)))), case
 
@@ -231,7 +238,8 @@ def test_jacobian_and_lean_mode_agree(name):
       grads_fn = lambda: jax.jacrev(losses_fn)(theta)
       source = ({"gram_fn": lambda: ldro.task_gram(grads_fn())} if mode == "gram_fn"
                 else {"task_grads_fn": grads_fn})
-      return tx.update(None, state, theta, task_losses=losses, key=key, task_vjp=vjp, **source)
+      return tx.update(None, state, theta, task_losses=losses, key=key, task_vjp=vjp,
+                       val_grads=VAL, **source)
 
     theta, state = theta0, tx.init(theta0)
     for t in range(3):

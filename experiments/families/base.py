@@ -102,3 +102,12 @@ class Experiment(abc.ABC):
   def evaluate_from_sums(self, sums: PyTree) -> dict:
     """The :meth:`evaluate` record from the sums of every part added up."""
     raise NotImplementedError
+
+  # -- A validation split of the training data (methods that need 'val_grads'). --
+
+  #: Whether :meth:`val_batch` gives batches of held-out training data.
+  has_validation_split: bool = False
+
+  def val_batch(self, step: int) -> PyTree:
+    """The task-grouped validation batch of ``step`` (held-out training data, never test)."""
+    raise NotImplementedError

@@ -204,7 +204,8 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
                eval_batch_size: int = 1000,
                pairs: Optional[Sequence[Sequence[str]]] = None, download: bool = True,
                conv_impl: str = "auto", model_kwargs: Optional[dict] = None,
-               label_noise: Optional[dict] = None, train_eval_size: int = 0):
+               label_noise: Optional[dict] = None, train_eval_size: int = 0,
+               val_per_task: int = 0):
     """Loads the data and builds the model.
 
     Args:
@@ -235,6 +236,11 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
         and accuracy on a fixed subset of this many training examples per
         task (``task_train_loss``, ``task_train_accuracy``; with
         ``label_noise``, on the noisy labels the methods train on).
+      val_per_task: if > 0, hold out this many training examples of each
+        task as a validation split (removed from training; deterministic per
+        ``seed``), drawn from by :meth:`val_batch` with the training batch's
+        per-task size: the validation gradient of MOML
+        (:func:`ldro.data.images.hold_out_validation`).
 
 
     Raises:
@@ -258,6 +264,15 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     self.dataset = dataset
     self.data = apply_label_noise(load_task_data(dataset, data_dir, pairs, download),
                                   label_noise, int(seed))
+    val_per_task = validation.whole_number(val_per_task, name + "val_per_task", 0)
+    self._val_batcher = None
+    if val_per_task > 0:
+      try:
+        self.data, val_data = images_lib.hold_out_validation(self.data, val_per_task, int(seed))
+      except ValueError as e:
+        raise ValueError(f"{e} ({name}val_per_task)") from None
+      # Its own stream order (seed + 1): not the training batches' order.
+      self._val_batcher = images_lib.GroupedBatcher(val_data, int(batch_size), int(seed) + 1)
     self.task_names = list(self.data.task_names)
     self.batcher = images_lib.GroupedBatcher(self.data, int(batch_size), int(seed))
     self.steps_per_epoch = self.batcher.steps_per_epoch
@@ -317,6 +332,16 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
   def train_batch(self, step: int) -> PyTree:
     """The task-grouped batch of ``step``: ``{'image': [N, b, ...], 'label': [N, b]}``."""
     return self.batcher.batch(step)
+
+  @property
+  def has_validation_split(self) -> bool:
+    return self._val_batcher is not None
+
+  def val_batch(self, step: int) -> PyTree:
+    """The task-grouped validation batch of ``step`` (``val_per_task > 0``)."""
+    if self._val_batcher is None:
+      raise ValueError("no validation split: set ImageClassificationExperiment.val_per_task.")
+    return self._val_batcher.batch(step)
 
   def _eval_counts(self, params, image, label, task):
     logits = self.model.apply(params, image).astype(jnp.float32)

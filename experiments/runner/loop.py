@@ -63,11 +63,32 @@ class Program:
   state: ldro_train.TrainState
   state_shardings: Any
   step_fn: Callable
+  needs_val: bool = False  # the method reads a validation gradient: batches carry 'val'
+
+
+def needs_validation(weighting, exp: experiment_lib.Experiment) -> bool:
+  """Whether the method reads a validation gradient; then the experiment must hold a split.
+
+  Raises:
+    ValueError: the method needs one and the experiment has no validation split.
+  """
+  rule = getattr(weighting, "rule", None)
+  if rule is None or not rule.needs_val_grads:
+    return False
+  if not getattr(exp, "has_validation_split", False):
+    raise ValueError(
+        f"method {rule.name!r} needs a validation batch (the gradient of held-out training "
+        f"data), but {type(exp).__name__} has no validation split (for images: "
+        "ImageClassificationExperiment.val_per_task = 500).")
+  return True
 
 
 def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_strategy: str,
                     chunk_size: Optional[int], baseline_losses) -> tuple[Any, str, Callable]:
-  """``(tx, mode, step_builder)``: the gin-chosen method and optimizer, and the step for them."""
+  """``(tx, mode, step_builder)``: the gin-chosen method and optimizer, and the step for them.
+
+  ``step_builder.needs_val`` says whether the step takes ``{'train', 'val'}`` batches.
+  """
   n = exp.num_tasks
   if mode == PLAIN:
     tx = optax.chain(*configurables.optimizer())
@@ -77,10 +98,15 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
   weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
                                    baseline_losses=baseline_losses)
   tx = optax.chain(weighting, *configurables.optimizer())
-  return tx, mode, lambda ps: ldro_train.make_train_step(
-      exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
-      param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None,
-      reuse_refresh_grads=exp.reuse_refresh_grads)
+  needs_val = needs_validation(weighting, exp)
+
+  def builder(ps):
+    return ldro_train.make_train_step(
+        exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
+        param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None,
+        reuse_refresh_grads=exp.reuse_refresh_grads, val_grads=needs_val)
+  builder.needs_val = needs_val
+  return tx, mode, builder
 
 
 def build_program(exp: experiment_lib.Experiment, tx, mode: str, step_builder, seed: int,
@@ -93,7 +119,18 @@ def build_program(exp: experiment_lib.Experiment, tx, mode: str, step_builder, s
   state = jax.device_put(state, shardings)
   step_fn = jax.jit(step_builder(shardings.params), in_shardings=(shardings, None),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Program(tx, mode, mesh, state, shardings, step_fn)
+  return Program(tx, mode, mesh, state, shardings, step_fn,
+                 needs_val=getattr(step_builder, "needs_val", False))
+
+
+def step_batch(exp: experiment_lib.Experiment, prog: Program, step: int) -> Any:
+  """The batch of ``step`` on the mesh (``{'train', 'val'}`` when the method needs validation)."""
+  # Multi-host: each process reads only its part of the global batch (host_input).
+  batch = host_input.train_batch(exp, step, prog.mesh, task_grouped=prog.mode != PLAIN)
+  if not prog.needs_val:
+    return batch
+  return {"train": batch,
+          "val": sharding.shard_batch(exp.val_batch(step), prog.mesh, task_grouped=True)}
 
 
 def evaluation_record(exp: experiment_lib.Experiment, state: ldro_train.TrainState,
@@ -277,9 +314,7 @@ def train_and_evaluate(
     for step in range(start, num_steps):
       if stop.requested:
         raise interrupted(stop.signum, mngr, state, num_steps)
-      # Multi-host: each process reads only its part of the global batch (host_input).
-      batch = host_input.train_batch(exp, step, prog.mesh, task_grouped=mode != PLAIN)
-      state, train_metrics = prog.step_fn(state, batch)
+      state, train_metrics = prog.step_fn(state, step_batch(exp, prog, step))
       steps_since += 1
       done, last = step + 1, step + 1 == num_steps
       if step == start and is_main:  # every configurable has been called by now

@@ -649,3 +649,47 @@ def train_subset(data: TaskImageData, per_task: int,
   index = np.concatenate(index)
   return {"image": data.train_images[index], "label": data.train_labels[index],
           "task": data.train_tasks[index]}
+
+
+def hold_out_validation(data: TaskImageData, per_task: int, seed: int = 0
+                        ) -> tuple[TaskImageData, TaskImageData]:
+  """Splits `per_task` training examples of each task off as a validation set.
+
+  For methods that read a validation gradient (MOML): the validation set is
+  held-out *training* data (never the test split), and the returned training
+  data no longer contains it. The validation set is returned as the training
+  split of a second `TaskImageData` (test split shared), so a
+  `GroupedBatcher` can draw task-grouped validation batches from it.
+
+  Args:
+    data: the multitask data.
+    per_task: validation examples per task; each task must keep at least one
+      training example.
+    seed: seed of the choice (`np.random.default_rng((seed, 0x5a11d))`).
+
+  Returns:
+    `(train_data, val_data)`.
+
+  Raises:
+    ValueError: `per_task < 1`, or a task with no more than `per_task`
+      training examples (naming it).
+  """
+  if per_task < 1:
+    raise ValueError(f"validation examples per task must be >= 1, got {per_task}.")
+  rng = np.random.default_rng((int(seed), 0x5A11D))
+  val = []
+  for task in range(data.num_tasks):
+    idx = np.flatnonzero(data.train_tasks == task)
+    if len(idx) <= per_task:
+      raise ValueError(f"task {data.task_names[task]!r} has {len(idx)} training examples; "
+                       f"holding out {per_task} for validation would leave none.")
+    val.append(rng.choice(idx, size=per_task, replace=False))
+  val = np.sort(np.concatenate(val))
+  keep = np.ones(len(data.train_labels), bool)
+  keep[val] = False
+
+  def subset(index):
+    return dataclasses.replace(data, train_images=data.train_images[index],
+                               train_labels=data.train_labels[index],
+                               train_tasks=data.train_tasks[index])
+  return subset(np.flatnonzero(keep)), subset(val)
