@@ -197,6 +197,41 @@ def _regime_ablations() -> list[Run]:
   return runs
 
 
+# ---------------------------------------------------------------- The random-weighting litmus
+# test (issue 13; random_weighting.md, sections 5-6) on the regime study's setting: every
+# method at its registry defaults (the original papers'), and the Table-4 grid of gradient
+# methods with RLW. Runs shared with the regime grid (equal weights, L-DRO at its default,
+# DRO 1e-2, PCGrad) have the same names and configs: with the same --root they are reused.
+LITMUS_LOSS = ("rlw", "uw", "dwa", "imtl_l", "moml", "famo")
+LITMUS_GRADIENT = ("rgw", "mgda", "gradnorm", "graddrop", "imtl_g", "gradvac", "cagrad",
+                   "rotograd")
+#: Gradient methods of the RLW paper's Table 4 (each alone = its EW column, and with RLW).
+LITMUS_TABLE4 = ("mgda", "gradnorm", "pcgrad", "graddrop", "imtl_g", "gradvac", "cagrad")
+#: MOML's validation split: held-out training examples of each task (5% of 10,000).
+LITMUS_VAL_PER_TASK = 500
+
+
+def _litmus_run(method: str, extra: Sequence[str] = (), name: Optional[str] = None) -> Run:
+  base = f"{REGIME_DIR}/base.gin"
+  bindings = tuple(extra)
+  if method == "moml":
+    bindings += (f"ImageClassificationExperiment.val_per_task = {LITMUS_VAL_PER_TASK}",)
+  return Run(name or method, (base, method_file(method)), bindings, method)
+
+
+def litmus_grid(core_only: bool = False) -> list[Run]:
+  """EW, RLW, RGW, L-DRO, DRO and the RLW paper's twelve methods (+ FAMO) on the regime
+  setting; then (unless ``core_only``) the Table-4 gradient methods with RLW."""
+  by_name = {r.name: r for r in regime_grid(core_only=True)}
+  runs = [by_name["static"], by_name["ldro-eta1e-3-lam1e-2"], by_name["dro-eta1e-2"],
+          by_name["pcgrad"]]
+  runs += [_litmus_run(m) for m in LITMUS_LOSS + LITMUS_GRADIENT]
+  if core_only:
+    return runs
+  runs += [_litmus_run(m, ("method.loss_weighting = 'rlw'",), f"rlw+{m}") for m in LITMUS_TABLE4]
+  return runs
+
+
 def _synthetic_sweep() -> list[Run]:
   return [Run(m, (f"gin_configs/synthetic/{m}.gin",)) for m in ("avg", "dro", "ldro")]
 
@@ -240,6 +275,10 @@ SWEEPS: dict[str, Callable[[], list[Run]]] = {
     "cifar10_hard_task": lambda: regime_grid([HARD_TASK_FILE]),
     # Ablations in the regime: T = 10 / 1000, no renormalisation at 1000, larger CNNs: 14 runs.
     "cifar10_regime_ablations": _regime_ablations,
+    # The random-weighting litmus test (issue 13) on the regime setting: 18 runs, then with
+    # the Table-4 grid (gradient methods + RLW): 25 runs.
+    "litmus_core": lambda: litmus_grid(core_only=True),
+    "litmus": litmus_grid,
     # Spurious-CIFAR (issue 14): regularized MTL grid, ablations, group DRO eta: 16 runs.
     "worst_group_image": worst_group_image_grid,
     # The 2-D proof of concept (section 4), handy for smoke tests: 3 runs.

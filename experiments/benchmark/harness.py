@@ -272,11 +272,14 @@ def method_bench(spec: workloads.MethodSpec, wl: workloads.Workload) -> StepBenc
   state = ldro_train.init_train_state(copy_tree(wl.params), tx, jax.random.PRNGKey(1))
   batched = spec.mode == "lean" and not spec.vmap_losses
   reuse = wl.reuse_refresh_grads if spec.reuse is None else spec.reuse
+  val = "val_grads" in spec.info.needs
   step = ldro_train.make_train_step(wl.task_loss, tx, mode=spec.mode,
                                     gram_strategy=spec.strategy, chunk_size=spec.chunk,
                                     losses_fn=wl.grouped_losses if batched else None,
-                                    reuse_refresh_grads=reuse)
-  return StepBench(spec.label, step, state, wl.batch, spec.period, spec)
+                                    reuse_refresh_grads=reuse, val_grads=val)
+  # A validation batch of the training batch's shape (MOML): its cost, not its content, is timed.
+  batch = {"train": wl.batch, "val": wl.batch} if val else wl.batch
+  return StepBench(spec.label, step, state, batch, spec.period, spec)
 
 
 def bench_steps(wl: workloads.Workload, specs: list[workloads.MethodSpec], rounds: int, k: int,

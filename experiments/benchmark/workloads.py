@@ -343,17 +343,13 @@ def per_method_specs(mode: str = "jacobian") -> tuple[list[MethodSpec], dict[str
 
   Returns:
     ``(specs, skipped)``; ``skipped`` maps a method name to the reason (no
-    such mode, needs validation gradients, an argument the benchmark cannot
-    give).
+    such mode, an argument the benchmark cannot give).
   """
   specs, skipped = [], {}
   for name in ldro.method_names():
     info = ldro.method_info(name)
     if mode not in info.modes:
       skipped[name] = f"no {mode} mode (modes: {', '.join(info.modes)})"
-      continue
-    if "val_grads" in info.needs:
-      skipped[name] = "needs validation gradients, which make_train_step does not give"
       continue
     try:
       factory_kwargs(name, 2)

@@ -5,6 +5,7 @@
 # this script skips finished runs (DONE) and resumes unfinished ones from their last checkpoint.
 #
 #   bash results/cifar10_regime/run.sh start    # start the lanes in the background (running ones are left alone)
+#   bash results/cifar10_regime/run.sh start a l  # only lanes a and l (l: the litmus test, issue 13)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
 #   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
 #   bash results/cifar10_regime/sync.sh         # copy finished runs into results/ (then commit)
@@ -26,14 +27,26 @@ lane_b() {  # DRO's failure case: one task with 40% flipped labels
   $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=2
   $S --sweep=cifar10_hard_task --root=$W/hard_task --seeds=0,1,2
 }
+lane_l() {  # the random-weighting litmus test (issue 13): every method on this setting, seed 0
+  # first; equal weights, L-DRO, DRO 1e-2 and PCGrad are the regime grid's runs (linked).
+  mkdir -p $W/litmus
+  for r in static ldro-eta1e-3-lam1e-2 dro-eta1e-2 pcgrad; do
+    mkdir -p $W/regime/$r
+    [ -e $W/litmus/$r ] || ln -s ../regime/$r $W/litmus/$r
+  done
+  $S --sweep=litmus_core --root=$W/litmus --seeds=0
+  $S --sweep=litmus --root=$W/litmus --seeds=0
+  $S --sweep=litmus --root=$W/litmus --seeds=1,2
+}
 lane_c() {  # seed 1 of both core grids (lanes a and b take seeds 0 and 2)
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=1
   $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=1
 }
 
 case "${1:-start}" in
-  start)
-    for lane in a b c; do
+  start)  # lanes to start: all (a b c l) or those named, e.g. 'run.sh start a l'
+    shift; lanes=${*:-a b c l}
+    for lane in $lanes; do
       if [ -f $W/lane_$lane.pid ] && kill -0 -- -"$(cat $W/lane_$lane.pid)" 2>/dev/null; then
         echo "lane $lane already running (process group $(cat $W/lane_$lane.pid))"; continue
       fi
@@ -45,9 +58,10 @@ case "${1:-start}" in
   _lane_a) lane_a ;;
   _lane_b) lane_b ;;
   _lane_c) lane_c ;;
+  _lane_l) lane_l ;;
   stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
          # exits, the sweep records the attempt's wall-clock; waits until they are gone.
-    for lane in a b c; do
+    for lane in a b c l; do
       if [ -f $W/lane_$lane.pid ]; then
         pg=$(cat $W/lane_$lane.pid)
         kill -TERM -- -"$pg" 2>/dev/null && echo "lane $lane: stopping (process group $pg)"
@@ -57,7 +71,7 @@ case "${1:-start}" in
       fi
     done ;;
   status)
-    for spec in "cifar10_regime regime" "cifar10_hard_task hard_task" "cifar10_regime_ablations ablations"; do
+    for spec in "cifar10_regime regime" "cifar10_hard_task hard_task" "cifar10_regime_ablations ablations" "litmus litmus"; do
       set -- $spec
       python -m experiments.sweep --sweep=$1 --root=$W/$2 --seeds=0,1,2 --dry_run | grep '^\['
     done ;;

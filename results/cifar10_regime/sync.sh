@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 W=workdirs/cifar10_regime
 R=results/cifar10_regime/runs
 n=0
-for sweep in regime hard_task ablations; do
+for sweep in regime hard_task ablations litmus; do
   [ -d $W/$sweep ] || continue
   for done in $W/$sweep/*/seed*/DONE; do
     [ -f "$done" ] || continue
