@@ -148,6 +148,11 @@ def configure_process(module: str, argv: Optional[Sequence[str]] = None) -> None
     module: the program as ``python -m`` names it, e.g. ``"experiments.train"``.
     argv: its arguments (default ``sys.argv[1:]``).
   """
+  # TensorFlow (data decoding only) logs a warning line per failed op of the input pipeline:
+  # a corrupt image would print them above the one error line the runner ends with
+  # (libjpeg's own "Improper call to JPEG library" lines go to stderr unconditionally).
+  # Warnings and info only; errors still print. Before the re-exec, so it is inherited.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   env = tuned_env()
   if env == dict(os.environ):
     return
