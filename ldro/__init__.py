@@ -55,6 +55,10 @@ from ldro.conflict_projection import pcgrad_coefficients
 from ldro.random_weighting import random_gradient_weighting
 from ldro.random_weighting import random_loss_weighting
 from ldro.random_weighting import sample_random_weights
+from ldro.rotograd import rotate_tasks
+from ldro.rotograd import rotation_matrices
+from ldro.rotograd import rotograd_optimizer
+from ldro.rotograd import TaskRotations
 from ldro.registry import get_method
 from ldro.registry import method_info
 from ldro.registry import method_names
@@ -143,6 +147,9 @@ __all__ = (
     "random_gradient_weighting",
     "random_loss_weighting",
     "register_method",
+    "rotate_tasks",
+    "rotation_matrices",
+    "rotograd_optimizer",
     "sample_random_weights",
     "SolverInfo",
     "static_mixing",
@@ -150,6 +157,7 @@ __all__ = (
     "Rule",
     "task_weighting",
     "task_weights",
+    "TaskRotations",
     "TaskStats",
     "TaskWeighting",
     "upgrad",

@@ -30,6 +30,7 @@ from experiments.runner import validation
 from ldro.data import images as images_lib
 from ldro.data import streams
 from ldro.models import cnn
+from ldro import rotograd as rotograd_lib
 
 PyTree = Any
 
@@ -89,8 +90,11 @@ def load_task_data(dataset: str, data_dir: Optional[str],
 
 
 def build_model(model: str, num_classes: int, conv_impl: str = "auto",
-                model_kwargs: Optional[dict] = None):
+                model_kwargs: Optional[dict] = None, rotograd_tasks: int = 0):
   """The CNN ``MODELS[model]`` with optional field overrides (e.g. ``{'features': 8}``).
+
+  ``rotograd_tasks > 0``: with RotoGrad's rotations for that many tasks
+  between the trunk and the head (``ldro.models.cnn.ConvNet.rotograd``).
 
   Raises:
     ValueError: unknown model or field.
@@ -104,7 +108,22 @@ def build_model(model: str, num_classes: int, conv_impl: str = "auto",
   if bad:
     raise ValueError(f"unknown CNN field(s) {bad} (ImageClassificationExperiment.model_kwargs); "
                      f"known: {', '.join(allowed)}.")
+  if rotograd_tasks > 0:
+    kwargs.update(rotograd=True, num_tasks=int(rotograd_tasks))
   return MODELS[model](num_classes=num_classes, conv_impl=conv_impl, **kwargs)
+
+
+# RotoGrad's optimizer around the model's (gin_configs/methods/rotograd.gin):
+# ldro.rotograd_optimizer.model_tx = @optax.sgd(), .rotation_tx = ..., .burn_in_period = ...
+gin.external_configurable(rotograd_lib.rotograd_optimizer, module="ldro")
+
+
+#: Why Jacobian mode (``vmap`` of ``task_loss`` over tasks) cannot run RotoGrad.
+ROTOGRAD_NEEDS_LEAN = (
+    "RotoGrad (ImageClassificationExperiment.rotograd) rescales and aligns the task gradients "
+    "across tasks in one backward pass over the whole task-grouped batch, which Jacobian mode's "
+    "vmap of task_loss over tasks splits apart: use lean mode (train_and_evaluate.mode = 'lean', "
+    "or None with method 'equal').")
 
 
 def apply_label_noise(data: images_lib.TaskImageData, label_noise: Optional[dict],
@@ -172,7 +191,10 @@ def grouped_cross_entropy(model: Any, params: PyTree, batch: PyTree):
     ``(losses [N], {'accuracy': [N]})``.
   """
   images, labels = batch["image"], batch["label"]
-  logits = model.apply(params, images.reshape((-1,) + images.shape[2:]))
+  if getattr(model, "rotograd", False):  # the grouping tells each row's task and rotation
+    logits = model.apply(params, images)
+  else:
+    logits = model.apply(params, images.reshape((-1,) + images.shape[2:]))
   logits = logits.astype(jnp.float32).reshape(labels.shape + logits.shape[-1:])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(axis=1)
   acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), axis=1)
@@ -205,7 +227,7 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
                pairs: Optional[Sequence[Sequence[str]]] = None, download: bool = True,
                conv_impl: str = "auto", model_kwargs: Optional[dict] = None,
                label_noise: Optional[dict] = None, train_eval_size: int = 0,
-               val_per_task: int = 0):
+               val_per_task: int = 0, rotograd: bool = False):
     """Loads the data and builds the model.
 
     Args:
@@ -241,6 +263,17 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
         ``seed``), drawn from by :meth:`val_batch` with the training batch's
         per-task size: the validation gradient of MOML
         (:func:`ldro.data.images.hold_out_validation`).
+      rotograd: RotoGrad (Javaloy & Valera, ICLR 2022): per-task rotations
+        ``R_k`` of the CNN's representation before the shared head
+        (:mod:`ldro.rotograd`), whose backward pass gives every task's
+        gradient into the trunk the same magnitude (relative-convergence
+        weights) and trains the rotations to align the task gradients. An
+        architecture, run with equal task weights (method ``'equal'``) in
+        lean mode (:meth:`grouped_losses`, one backward pass over the whole
+        grouped batch; Jacobian mode raises a ValueError). Its optimizer
+        wraps the model's, :func:`ldro.rotograd.rotograd_optimizer` (the
+        rotations' own optimizer and learning rate, the burn-in period of
+        the reference norms): ``gin_configs/methods/rotograd.gin``.
 
 
     Raises:
@@ -276,7 +309,11 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     self.task_names = list(self.data.task_names)
     self.batcher = images_lib.GroupedBatcher(self.data, int(batch_size), int(seed))
     self.steps_per_epoch = self.batcher.steps_per_epoch
-    self.model = build_model(model, self.data.num_classes, conv_impl, model_kwargs)
+    if not isinstance(rotograd, bool):
+      raise ValueError(f"{name}rotograd must be True or False, got {rotograd!r}.")
+    self.rotograd = rotograd
+    self.model = build_model(model, self.data.num_classes, conv_impl, model_kwargs,
+                             rotograd_tasks=len(self.task_names) if rotograd else 0)
     self.eval_batch_size = int(eval_batch_size)
     if int(train_eval_size) < 0:
       raise ValueError(f"train_eval_size must be >= 0, got {train_eval_size} "
@@ -294,7 +331,11 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
 
   def init_params(self, rng: jax.Array) -> PyTree:
     """Initial CNN variables for 32x32x3 (or the data's) images."""
-    return self.model.init(rng, jnp.zeros((1,) + self._image_shape, jnp.float32))
+    dummy = jnp.zeros((1,) + self._image_shape, jnp.float32)
+    if self.rotograd:  # jitted: the rotations' expm is slow op by op
+      return jax.jit(lambda r, x: self.model.init(r, x, tasks=jnp.zeros((1,), jnp.int32)))(
+          rng, dummy)
+    return self.model.init(rng, dummy)
 
   def task_loss(self, params: PyTree, task_batch: PyTree, rng: jax.Array):
     """Mean cross-entropy of one task's examples under the shared softmax.
@@ -307,8 +348,14 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
 
     Returns:
       ``(loss, {'accuracy': train accuracy on the slice})``.
+
+    Raises:
+      ValueError: with ``rotograd`` (one task's slice cannot run RotoGrad's
+        cross-task backward pass; use lean mode).
     """
     del rng
+    if self.rotograd:
+      raise ValueError(ROTOGRAD_NEEDS_LEAN)
     return task_cross_entropy(self.model, params, task_batch)
 
   def grouped_losses(self, params: PyTree, batch: PyTree, rng: jax.Array):
@@ -344,7 +391,10 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     return self._val_batcher.batch(step)
 
   def _eval_counts(self, params, image, label, task):
-    logits = self.model.apply(params, image).astype(jnp.float32)
+    if self.rotograd:  # each example through its task's rotation
+      logits = self.model.apply(params, image, tasks=task).astype(jnp.float32)
+    else:
+      logits = self.model.apply(params, image).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
     correct = (jnp.argmax(logits, -1) == label).astype(jnp.float32)
     seg = lambda x: jax.ops.segment_sum(x, task, num_segments=self.num_tasks)

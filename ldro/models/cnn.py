@@ -11,11 +11,19 @@ Both are instances of the configurable `ConvNet`. The output layer is a single
 softmax over *all* classes shared by every task; per-task restriction of the
 logits (if any) is the caller's business.
 
+With ``rotograd=True`` the ConvNet runs its trunk (convolutions and MLP, up to
+the shared ``head``), then RotoGrad's per-task rotations
+(:class:`ldro.rotograd.TaskRotations`, Javaloy & Valera, ICLR 2022), then the
+head: task ``k``'s examples reach the head as ``R_k z``.
+
 Parameter tree (names are stable and may be relied upon)::
 
     {'conv_0': {'kernel', 'bias'}, ..., 'conv_{num_conv-1}': ...,
      'dense_0': {'kernel', 'bias'}, ..., 'dense_{mlp_layers-1}': ...,
      'head': {'kernel', 'bias'}}
+
+plus, with ``rotograd=True``, ``'rotograd': {'rotograd_generators' [N, d, d],
+'rotograd_reference_norms' [N]}`` (``d = mlp_width``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from ldro import rotograd as rotograd_lib
 
 __all__ = ["max_pool_2x2", "conv_same", "SameConv", "ConvNet", "SmallCNN", "LargeCNN",
            "CONV_IMPLS", "resolve_conv_impl", "fast_backward_under_cond"]
@@ -336,6 +346,11 @@ class ConvNet(nn.Module):
     conv_impl: convolution and pooling kernels, ``'auto'`` (the CPU-tuned
       custom VJPs on CPU, XLA's own ops on GPU/TPU), ``'custom_vjp'`` or
       ``'xla'`` (see :func:`resolve_conv_impl`); parameters are the same.
+    rotograd: put RotoGrad's per-task rotations
+      (:class:`ldro.rotograd.TaskRotations`, named ``'rotograd'``) between
+      the trunk and the head; the model then needs to know each example's
+      task (a task-grouped input, or ``tasks``).
+    num_tasks: ``N``, the number of rotations (``rotograd`` only).
   """
 
   num_classes: int
@@ -345,24 +360,42 @@ class ConvNet(nn.Module):
   mlp_layers: int = 3
   dtype: Any = jnp.float32
   conv_impl: str = "auto"
+  rotograd: bool = False
+  num_tasks: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Computes logits.
+  def __call__(self, x: jax.Array, train: bool = False,
+               tasks: jax.Array | None = None) -> jax.Array:
+    """Computes logits: trunk, RotoGrad's rotations (if ``rotograd``), head.
 
     Args:
       x: Float images of shape [B, H, W, C] (e.g. [B, 32, 32, 3]), already
-        normalised. H and W must be >= 2**num_conv.
+        normalised, or a task-grouped [N, b, H, W, C] (row block ``k`` is
+        task ``k``'s; the trunk runs once on the ``N * b`` images). H and W
+        must be >= 2**num_conv.
       train: Unused (the model has no dropout / batch norm); kept so that all
         models share the `(x, train)` calling convention.
+      tasks: with ``rotograd`` and [B, H, W, C] images: the [B] int task id
+        of every image (evaluation: rotations without RotoGrad's backward
+        pass). Ignored without ``rotograd``.
 
     Returns:
-      Logits of shape [B, num_classes] in `dtype`.
+      Logits of shape [B, num_classes] (or [N, b, num_classes]) in `dtype`.
+
+    Raises:
+      ValueError: images of another rank; with ``rotograd``, [B, H, W, C]
+        images without ``tasks`` or a grouped input whose N is not
+        ``num_tasks``.
     """
     del train
-    if x.ndim != 4:
-      raise ValueError(f"Expected images of shape [B, H, W, C], got {x.shape}.")
-    x = x.astype(self.dtype)
+    if x.ndim not in (4, 5):
+      raise ValueError(f"Expected images of shape [B, H, W, C] (or task-grouped "
+                       f"[N, b, H, W, C]), got {x.shape}.")
+    lead = x.shape[:-3]
+    if self.rotograd and len(lead) == 1 and tasks is None:
+      raise ValueError("ConvNet(rotograd=True) needs each image's task: a task-grouped input "
+                       "[N, b, H, W, C], or tasks [B] with [B, H, W, C] images.")
+    x = x.reshape((-1,) + x.shape[-3:]).astype(self.dtype)
     for i in range(self.num_conv):
       # relu(max_pool(conv(x)) + b) == max_pool(relu(conv(x) + b)) exactly (the
       # max commutes with the bias add and the monotone relu), with the bias
@@ -374,7 +407,15 @@ class ConvNet(nn.Module):
     for i in range(self.mlp_layers):
       x = nn.relu(nn.Dense(self.mlp_width, dtype=self.dtype,
                            name=f"dense_{i}")(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    # x: the trunk's representation z [N * b, d] (or [B, d]).
+    if self.rotograd:
+      rotations = rotograd_lib.TaskRotations(self.num_tasks, name="rotograd")
+      if len(lead) == 2:
+        x = rotations(x.reshape(lead + x.shape[-1:])).reshape(x.shape)
+      else:
+        x = rotations(x, tasks)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+    return x.reshape(lead + x.shape[-1:])
 
 
 class SmallCNN(ConvNet):
