@@ -59,3 +59,28 @@ def gin_config():
     gin.clear_config()
     train_lib.parse_gin(list(files), list(bindings))
   return parse
+
+
+@pytest.fixture
+def image_folder(tmp_path, monkeypatch):
+  """``make(root_name='imgs', classes=..., n_train=8, n_test=3)``: a tiny JPEG ImageFolder.
+
+  Random 32x32 pixels, ``<root>/{train,test}/<class>/NNNN.jpg``; the decoded-images cache
+  (``XDG_CACHE_HOME``) goes to the test's tmp folder, not ``$HOME``.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+  def make(root_name="imgs", classes=("bird", "cat", "dog", "frog"), n_train=8, n_test=3):
+    rng = np.random.default_rng(0)
+    root = tmp_path / root_name
+    for split, n in (("train", n_train), ("test", n_test)):
+      for name in classes:
+        d = root / split / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+          Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+              d / f"{i:04d}.jpg", quality=95)
+    return root
+  return make

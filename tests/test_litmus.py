@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image as PIL_Image
 
 from experiments import litmus_report
 from experiments import sweep
@@ -39,21 +38,8 @@ def test_delta_p_is_the_mean_relative_improvement():
   assert litmus_report.delta_p([0.55, 0.5], [0.5, 0.5]) == pytest.approx(5.0)
 
 
-def _write_folder(root):
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 8), ("test", 3)):
-    for name in ("bird", "cat", "dog", "frog"):
-      d = root / split / name
-      d.mkdir(parents=True, exist_ok=True)
-      for i in range(n):
-        PIL_Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            d / f"{i:04d}.jpg", quality=95)
-  return root
-
-
-def test_sweep_of_a_sample_then_the_report(tmp_path, monkeypatch):
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-  images = _write_folder(tmp_path / "imgs")
+def test_sweep_of_a_sample_then_the_report(tmp_path, image_folder):
+  images = image_folder()
   want = ("static", "rlw", "moml", "rlw+cagrad")
   runs = [r for r in sweep.sweep_runs("litmus") if r.name in want]
   tiny = [f"DATA_DIR = {str(images)!r}", "MODEL = 'tiny'", "NUM_STEPS = 3", "EVAL_EVERY = 1",

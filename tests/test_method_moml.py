@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from PIL import Image as PIL_Image
 
 import ldro
 from ldro import train as ldro_train
@@ -114,23 +113,10 @@ def test_hold_out_validation_split():
     images_lib.hold_out_validation(data, 10)
 
 
-def _write_folder(root):
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 8), ("test", 3)):
-    for name in ("bird", "cat", "dog", "frog"):
-      d = root / split / name
-      d.mkdir(parents=True, exist_ok=True)
-      for i in range(n):
-        PIL_Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            d / f"{i:04d}.jpg", quality=95)
-  return root
-
-
-def test_image_run_with_a_validation_split(tmp_path, monkeypatch, gin_config):
+def test_image_run_with_a_validation_split(tmp_path, image_folder, gin_config):
   """MOML end to end on tiny images (Jacobian mode, its registered preference)."""
   from experiments.runner import loop  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-  root = _write_folder(tmp_path / "imgs")
+  root = image_folder()
   base = [f"DATA_DIR = {str(root)!r}", "MODEL = 'tiny'", "NUM_STEPS = 3", "EVAL_EVERY = 3",
           "ImageClassificationExperiment.batch_size = 4",
           "ImageClassificationExperiment.pairs = [['cat', 'dog'], ['bird', 'frog']]"]

@@ -623,6 +623,16 @@ def flip_task_labels(data: TaskImageData, task: int, fraction: float,
   return dataclasses.replace(data, train_labels=labels)
 
 
+def _choose_per_task(data: TaskImageData, per_task: int, rng_seed: tuple) -> list[np.ndarray]:
+  """Per task, ``min(per_task, n_i)`` of its training indices without replacement (sorted)."""
+  rng = np.random.default_rng(rng_seed)
+  out = []
+  for task in range(data.num_tasks):
+    idx = np.flatnonzero(data.train_tasks == task)
+    out.append(np.sort(rng.choice(idx, size=min(per_task, len(idx)), replace=False)))
+  return out
+
+
 def train_subset(data: TaskImageData, per_task: int,
                  seed: int = 0) -> dict[str, np.ndarray]:
   """A fixed subset of the training split, `per_task` examples of each task.
@@ -641,12 +651,7 @@ def train_subset(data: TaskImageData, per_task: int,
   """
   if per_task < 1:
     raise ValueError(f"per_task must be >= 1, got {per_task}.")
-  rng = np.random.default_rng((int(seed), 0x7e5a))
-  index = []
-  for task in range(data.num_tasks):
-    idx = np.flatnonzero(data.train_tasks == task)
-    index.append(np.sort(rng.choice(idx, size=min(per_task, len(idx)), replace=False)))
-  index = np.concatenate(index)
+  index = np.concatenate(_choose_per_task(data, per_task, (int(seed), 0x7e5a)))
   return {"image": data.train_images[index], "label": data.train_labels[index],
           "task": data.train_tasks[index]}
 
@@ -676,15 +681,12 @@ def hold_out_validation(data: TaskImageData, per_task: int, seed: int = 0
   """
   if per_task < 1:
     raise ValueError(f"validation examples per task must be >= 1, got {per_task}.")
-  rng = np.random.default_rng((int(seed), 0x5A11D))
-  val = []
   for task in range(data.num_tasks):
-    idx = np.flatnonzero(data.train_tasks == task)
-    if len(idx) <= per_task:
-      raise ValueError(f"task {data.task_names[task]!r} has {len(idx)} training examples; "
+    n = int(np.sum(data.train_tasks == task))
+    if n <= per_task:
+      raise ValueError(f"task {data.task_names[task]!r} has {n} training examples; "
                        f"holding out {per_task} for validation would leave none.")
-    val.append(rng.choice(idx, size=per_task, replace=False))
-  val = np.sort(np.concatenate(val))
+  val = np.sort(np.concatenate(_choose_per_task(data, per_task, (int(seed), 0x5A11D))))
   keep = np.ones(len(data.train_labels), bool)
   keep[val] = False
 
