@@ -5,7 +5,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 
 from experiments import litmus_report
