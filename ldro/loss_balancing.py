@@ -55,6 +55,26 @@ def _scale(reduction: str, n: int) -> float:
   return 1.0 / n if reduction == "mean" else 1.0
 
 
+def _log_scale_step(stats: weighting.TaskStats, s: Array, sign: float, lr, reduction: str
+                    ) -> tuple[Array, Array]:
+  """The learned loss scale shared by UW (``sign = -1``) and IMTL-L (``sign = +1``).
+
+  With ``lambda_i = exp(sign s_i)``, both minimise ``lambda_i l_i - sign s_i``
+  over ``s`` (UW: ``exp(-s) l + s``; IMTL-L: ``exp(s) l - s``):
+  ``d/ds_i = sign (lambda_i l_i - 1)``. Returns the coefficients of this step
+  (``lambda``, 0 for absent tasks, divided by ``N`` for ``'mean'``) and ``s``
+  after one gradient step of size ``lr`` (absent tasks unchanged; kept in
+  ``[-LOG_SCALE_BOUND, LOG_SCALE_BOUND]``).
+  """
+  n = stats.weights.shape[0]
+  present = stats.present
+  lam = jnp.exp(sign * s)
+  c = jnp.where(present, lam, 0.0) * _scale(reduction, n)
+  grad = sign * (lam * stats.losses - 1.0)
+  s_new = jnp.clip(s - lr * grad, -LOG_SCALE_BOUND, LOG_SCALE_BOUND)
+  return c, jnp.where(present, s_new, s)
+
+
 # ----------------------------------------------------------------------------
 # UW (Kendall et al., CVPR 2018).
 # ----------------------------------------------------------------------------
@@ -121,14 +141,8 @@ def uw(num_tasks: int, lr: float | Array = 0.025,
     return UWState(log_variances=jnp.zeros((n,), jnp.float32))
 
   def coefficients(stats: weighting.TaskStats, state: UWState):
-    n = stats.weights.shape[0]
-    present = stats.present
-    s = state.log_variances
-    precision = jnp.exp(-s)
-    c = jnp.where(present, precision, 0.0) * _scale(reduction, n)
-    grad = 1.0 - precision * stats.losses
-    s_new = jnp.clip(s - lr * grad, -LOG_SCALE_BOUND, LOG_SCALE_BOUND)
-    return c, UWState(log_variances=jnp.where(present, s_new, s))
+    c, s_new = _log_scale_step(stats, state.log_variances, -1.0, lr, reduction)
+    return c, UWState(log_variances=s_new)
 
   return weighting.task_weighting(
       weighting.Rule(name=name, coefficients=coefficients, init_state=init_state,
@@ -305,14 +319,8 @@ def imtl_l(num_tasks: int, lr: float | Array = 0.025,
     return IMTLLState(log_scales=jnp.zeros((n,), jnp.float32))
 
   def coefficients(stats: weighting.TaskStats, state: IMTLLState):
-    n = stats.weights.shape[0]
-    present = stats.present
-    s = state.log_scales
-    scale = jnp.exp(s)
-    c = jnp.where(present, scale, 0.0) * _scale(reduction, n)
-    grad = scale * stats.losses - 1.0
-    s_new = jnp.clip(s - lr * grad, -LOG_SCALE_BOUND, LOG_SCALE_BOUND)
-    return c, IMTLLState(log_scales=jnp.where(present, s_new, s))
+    c, s_new = _log_scale_step(stats, state.log_scales, 1.0, lr, reduction)
+    return c, IMTLLState(log_scales=s_new)
 
   return weighting.task_weighting(
       weighting.Rule(name=name, coefficients=coefficients, init_state=init_state,
