@@ -37,10 +37,15 @@ EW_RUN = "static"
 def _label(run: str) -> str:
   """Display label from the registry: ``'rlw+cagrad'`` -> ``'RLW + CAGrad'``."""
   names = {"static": "equal", "ldro-eta1e-3-lam1e-2": "ldro", "dro-eta1e-2": "dro"}
+  # Not registry methods: architectures run with equal weights (gin_configs/methods/*.gin).
+  architectures = {"rotograd": "RotoGrad"}
   parts = run.split("+")
   out = []
   for p in parts:
     name = names.get(p, p)
+    if name in architectures:
+      out.append(architectures[name])
+      continue
     try:
       out.append(ldro.method_info(name).label)
     except ValueError:
