@@ -198,18 +198,6 @@ def test_layer_input_errors_and_row_form():
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))
 
 
-def _write_folder(root):
-  rng = np.random.default_rng(0)
-  for split, n in (("train", 4), ("test", 2)):
-    for name in ("bird", "cat", "dog", "frog"):
-      d = root / split / name
-      d.mkdir(parents=True, exist_ok=True)
-      for i in range(n):
-        PIL_Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-            d / f"{i:04d}.jpg", quality=95)
-  return root
-
-
 def _decode_with_pil(image_dir, splits):
   """``ldro.data.images._decode_image_folder`` by PIL (sorted classes and files), no TensorFlow.
 
@@ -227,14 +215,13 @@ def _decode_with_pil(image_dir, splits):
   return classes, arrays
 
 
-def test_image_run_with_rotograd(tmp_path, monkeypatch, gin_config):
+def test_image_run_with_rotograd(tmp_path, monkeypatch, gin_config, image_folder):
   """End to end on tiny images: method 'equal', lean mode, the rotations trained and orthogonal."""
   from experiments.families import image as image_experiment  # pylint: disable=g-import-not-at-top
   from experiments.runner import loop  # pylint: disable=g-import-not-at-top
   from ldro.data import images as images_lib  # pylint: disable=g-import-not-at-top
-  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   monkeypatch.setattr(images_lib, "_decode_image_folder", _decode_with_pil)
-  root = _write_folder(tmp_path / "imgs")
+  root = image_folder(n_train=4, n_test=2)
   base = [f"DATA_DIR = {str(root)!r}", "MODEL = 'tiny'", "NUM_STEPS = 2", "EVAL_EVERY = 2",
           "ImageClassificationExperiment.batch_size = 4",
           "ImageClassificationExperiment.eval_batch_size = 8",
