@@ -232,6 +232,26 @@ def litmus_grid(core_only: bool = False) -> list[Run]:
   return runs
 
 
+# ---------------------------------------------------------------- Multilingual LM, 3 seeds
+# (issue 15 part 3; results/multilingual/run_seeds.sh): Table 1's main rows on the CPU set-up
+# with 2 rows per language per step and 1,800 steps (gin_configs/multilingual/cpu_seeds.gin).
+# The rates are those the 600-step Table 1 selected (best average validation loss).
+LM_DIR = "gin_configs/multilingual"
+
+
+def multilingual_seeds_grid() -> list[Run]:
+  """Static mixing alpha 0 and 0.3, DRO (eta 1e-4), Baselined-DRO (eta 1e-3), L-DRO
+  (lambda 0.1): 5 runs; Baselined-DRO reads ``BASELINES`` (bind it to the monolingual runs'
+  baselines.json of the same set-up)."""
+  size = (f"{LM_DIR}/cpu.gin", f"{LM_DIR}/cpu_seeds.gin")
+  return [Run("static_alpha0", (f"{LM_DIR}/static_alpha0.gin",) + size, (), "static_alpha0"),
+          Run("static_alpha0.3", (f"{LM_DIR}/static_alpha0.3.gin",) + size, (), "static_alpha0.3"),
+          Run("dro_lr1e-4", (f"{LM_DIR}/dro_lr1e-4.gin",) + size, (), "dro"),
+          Run("baselined_dro_lr1e-3", (f"{LM_DIR}/baselined_dro.gin",) + size,
+              ("WEIGHT_LR = 1e-3",), "baselined_dro"),
+          Run("ldro_lam0.1", (f"{LM_DIR}/ldro.gin",) + size, ("LOOKAHEAD_LR = 0.1",), "ldro")]
+
+
 def _synthetic_sweep() -> list[Run]:
   return [Run(m, (f"gin_configs/synthetic/{m}.gin",)) for m in ("avg", "dro", "ldro")]
 
@@ -279,6 +299,8 @@ SWEEPS: dict[str, Callable[[], list[Run]]] = {
     # the Table-4 grid (gradient methods + RLW): 25 runs.
     "litmus_core": lambda: litmus_grid(core_only=True),
     "litmus": litmus_grid,
+    # Multilingual LM, Table 1's main rows with 2 rows per language and 1,800 steps (issue 15).
+    "multilingual_seeds": multilingual_seeds_grid,
     # Spurious-CIFAR (issue 14): regularized MTL grid, ablations, group DRO eta: 16 runs.
     "worst_group_image": worst_group_image_grid,
     # The 2-D proof of concept (section 4), handy for smoke tests: 3 runs.

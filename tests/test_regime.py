@@ -194,3 +194,16 @@ def test_report_hard_task_claims(tmp_path):
              "(static - DRO > 0)"]
   assert c["verdict"] == "holds" and set(c["diffs"]) == {"0", "1"}
   assert "avg of other tasks" in regime_report.markdown(report)
+
+
+def test_multilingual_seed_grid_parses(gin_config):
+  """The 3-seed LM grid (issue 15 part 3): Table 1's main rows, each config parses, with the
+  fixed batch composition (2 rows per language) and the longer schedule."""
+  import gin  # pylint: disable=g-import-not-at-top
+  runs = sweep.sweep_runs("multilingual_seeds")
+  assert [r.name for r in runs] == ["static_alpha0", "static_alpha0.3", "dro_lr1e-4",
+                                    "baselined_dro_lr1e-3", "ldro_lam0.1"]
+  for r in runs:
+    gin_config(list(r.gin_files), list(r.bindings) + ["BASELINES = '/tmp/b.json'"])
+    assert gin.query_parameter("%ROWS_PER_LANGUAGE") == 2
+    assert gin.query_parameter("%NUM_STEPS") == 1800
