@@ -16,9 +16,11 @@ task ``i``'s gradient points the way validation wants to go.
 **The rule here** keeps weight logits ``z`` and takes an exponentiated
 (mirror) gradient step on the simplex, ``z <- z + beta eta (g_val . g_i)``,
 ``w = softmax(z)`` (absent tasks: no logit change, weight 0). Ye et al.
-solve the bilevel problem with the weights on the simplex by a projected
-gradient step; the mirror step is the simplex geometry's gradient step and
-keeps every weight positive (our choice, stated).
+treat the loss weights as the upper-level variables of a bilevel problem and
+update them by gradient steps on the validation loss; how the weights are kept
+normalised is our choice, stated: the mirror (exponentiated-gradient) step is
+the simplex geometry's gradient step and keeps every weight positive, so the
+update stays on the scale of the library's equal weighting.
 
 **Relation to L-DRO's lookahead matrix** (``lookahead_dro.md``, section 3):
 L-DRO's lookahead entry ``L_ij = l_i - eta G_ij`` is task ``i``'s loss after a
