@@ -474,15 +474,16 @@ def test_per_host_batch_that_does_not_divide_is_a_clear_error(per_host_run):
 def test_one_input_shard_equals_the_unsharded_batchers():
   """input_shards = 1 (every single-process run by default): the batches of before."""
   text = pytest.importorskip("ldro.data.text")
+  from ldro.data import text_batchers  # pylint: disable=g-import-not-at-top
   from ldro.data import text_shards  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   rows = {lang: {k: rng.integers(0, 50, (r, 4)).astype(
       np.float32 if k == "decoder_loss_weights" else np.int32) for k in text.FEATURES}
           for lang, r in (("a", 5), ("b", 9), ("c", 3))}
   one = text_shards.ShardedRows.from_arrays({l: [r] for l, r in rows.items()})
-  pairs = [(text.StratifiedBatcher(rows, 2, seed=3),
+  pairs = [(text_batchers.StratifiedBatcher(rows, 2, seed=3),
             text_shards.ShardedStratifiedBatcher(one, 2, seed=3)),
-           (text.MixtureBatcher(rows, [0.2, 0.5, 0.3], 6, seed=1, block_steps=7),
+           (text_batchers.MixtureBatcher(rows, [0.2, 0.5, 0.3], 6, seed=1, block_steps=7),
             text_shards.ShardedMixtureBatcher(one, [0.2, 0.5, 0.3], 6, seed=1, block_steps=7))]
   for old, new in pairs:
     for step in (0, 1, 6, 7, 20):

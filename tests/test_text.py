@@ -10,6 +10,8 @@ seqio = pytest.importorskip("seqio")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from ldro.data import text  # pylint: disable=g-import-not-at-top
+from ldro.data import text_batchers  # pylint: disable=g-import-not-at-top
+from ldro.data import text_rows  # pylint: disable=g-import-not-at-top
 from experiments.runner import paths  # pylint: disable=g-import-not-at-top
 
 SHARED_CORPUS = paths.resolve("../shared/data/multilingual")
@@ -58,7 +60,7 @@ def registered(corpus, vocab):
   info = text.register_language_tasks(list(WORDS), "textfiles", vocab,
                                       data_dir=corpus, include_tatoeba=True,
                                       prefix="test_ldro", sequence_length=L)
-  rows = text.materialize(info["tasks"], "train", L)
+  rows = text_rows.materialize(info["tasks"], "train", L)
   return info, rows
 
 
@@ -138,9 +140,9 @@ def test_packed_rows_layout_and_cache(registered, corpus, vocab, tmp_path):
     assert np.sum(tgt == 1) == len(lines)
     assert np.sum(seg > 0) == sum(len(vocab.encode(s)) + 1 for s in lines)
   assert np.max(rows["de"]["decoder_positions"]) == L - 1  # a chunked long line
-  cached = text.packed_rows(info["tasks"]["yo"], "train", L, cache_dir=str(tmp_path))
+  cached = text_rows.packed_rows(info["tasks"]["yo"], "train", L, cache_dir=str(tmp_path))
   assert len(os.listdir(tmp_path)) == 1
-  again = text.packed_rows(info["tasks"]["yo"], "train", L, cache_dir=str(tmp_path))
+  again = text_rows.packed_rows(info["tasks"]["yo"], "train", L, cache_dir=str(tmp_path))
   for k in text.FEATURES:
     np.testing.assert_array_equal(cached[k], rows["yo"][k])
     np.testing.assert_array_equal(again[k], rows["yo"][k])
@@ -148,17 +150,17 @@ def test_packed_rows_layout_and_cache(registered, corpus, vocab, tmp_path):
 
 def test_stratified_batcher(registered):
   _, rows = registered
-  sb = text.StratifiedBatcher(rows, rows_per_language=2, seed=3)
+  sb = text_batchers.StratifiedBatcher(rows, rows_per_language=2, seed=3)
   assert sb.languages == tuple(WORDS)
   for step in range(12):
     b = sb.batch(step)
     assert b["decoder_target_tokens"].shape == (3, 2, L)
     assert b["decoder_loss_weights"].dtype == np.float32
     assert np.all(b["decoder_loss_weights"].sum((1, 2)) > 0)  # every language
-  fresh = text.StratifiedBatcher(rows, rows_per_language=2, seed=3)
+  fresh = text_batchers.StratifiedBatcher(rows, rows_per_language=2, seed=3)
   for k in text.FEATURES:
     np.testing.assert_array_equal(fresh.batch(11)[k], sb.batch(11)[k])
-  other = text.StratifiedBatcher(rows, rows_per_language=2, seed=4)
+  other = text_batchers.StratifiedBatcher(rows, rows_per_language=2, seed=4)
   assert any(not np.array_equal(other.batch(s)["decoder_target_tokens"],
                                 sb.batch(s)["decoder_target_tokens"]) for s in range(3))
 
@@ -176,25 +178,25 @@ def _synthetic_rows(sizes):
 
 def test_stratified_epochs_cover_all_rows():
   rows = _synthetic_rows({"a": 5, "b": 3})
-  sb = text.StratifiedBatcher(rows, rows_per_language=1, seed=0)
+  sb = text_batchers.StratifiedBatcher(rows, rows_per_language=1, seed=0)
   seen_a = [int(sb.batch(s)["decoder_target_tokens"][0, 0, 0]) for s in range(10)]
   seen_b = [int(sb.batch(s)["decoder_target_tokens"][1, 0, 0]) for s in range(6)]
   assert sorted(seen_a[:5]) == sorted(seen_a[5:]) == list(range(5))
   assert sorted(seen_b[:3]) == sorted(seen_b[3:]) == list(range(3))
   assert seen_a[:5] != seen_a[5:] or seen_b[:3] != seen_b[3:]  # reshuffled
-  big = text.StratifiedBatcher(rows, rows_per_language=7, seed=0).batch(0)
+  big = text_batchers.StratifiedBatcher(rows, rows_per_language=7, seed=0).batch(0)
   assert sorted(big["decoder_target_tokens"][1, :3, 0]) == [0, 1, 2]
 
 
 def test_mixture_batcher():
   rows = _synthetic_rows({"a": 50, "b": 20, "c": 7})
   rates = {"a": 0.6, "b": 0.3, "c": 0.1}
-  mb = text.MixtureBatcher(rows, rates, batch_size=16, seed=1, block_steps=7)
+  mb = text_batchers.MixtureBatcher(rows, rates, batch_size=16, seed=1, block_steps=7)
   seq = [mb.batch(s) for s in range(60)]
   for b in seq:
     assert b["task"].dtype == np.int32 and b["task"].shape == (16,)
     np.testing.assert_array_equal(b["decoder_target_tokens"][:, 1], b["task"])
-  fresh = text.MixtureBatcher(rows, rates, batch_size=16, seed=1, block_steps=7)
+  fresh = text_batchers.MixtureBatcher(rows, rates, batch_size=16, seed=1, block_steps=7)
   for s in (45, 23, 59):  # random access == sequential
     for k in list(text.FEATURES) + ["task"]:
       np.testing.assert_array_equal(fresh.batch(s)[k], seq[s][k])
@@ -206,13 +208,13 @@ def test_mixture_batcher():
             for j in np.nonzero(b["task"] == 2)[0]]
   assert sorted(c_rows[:7]) == list(range(7))
   with pytest.raises(ValueError):
-    text.MixtureBatcher(rows, {"a": 1.0}, batch_size=4)
+    text_batchers.MixtureBatcher(rows, {"a": 1.0}, batch_size=4)
 
 
 def test_eval_batches(registered, corpus, vocab):
   info, _ = registered
   tasks = {"en": info["tasks"]["en"], "yo": info["tasks"]["yo"]}
-  ev = text.eval_batches(tasks, "validation", L, batch_size=4)
+  ev = text_batchers.eval_batches(tasks, "validation", L, batch_size=4)
   for lang, batches in ev.items():
     assert all(b["decoder_target_tokens"].shape == (4, L) for b in batches)
     lines = _lines(f"{corpus}/{lang}.test.txt")[:6]  # first half of 11
@@ -250,11 +252,11 @@ def test_mc4_with_tfds_mock_data(vocab):
     assert task.source.split_map == {"train": "iw", "validation": "iw-validation[:50%]",
                                   "test": "iw-validation[50%:]"}
     np.testing.assert_allclose(info["rates"][1.0]["en"], 400 / 425)
-    rows = text.materialize(info["tasks"], "train", L)
+    rows = text_rows.materialize(info["tasks"], "train", L)
     assert all(r["decoder_target_tokens"].shape[0] > 0 for r in rows.values())
-    b = text.StratifiedBatcher(rows, 1).batch(0)
+    b = text_batchers.StratifiedBatcher(rows, 1).batch(0)
     assert b["decoder_input_tokens"].shape == (2, 1, L)
-    ev = text.eval_batches({"he": info["tasks"]["he"]}, "test", L, batch_size=2)
+    ev = text_batchers.eval_batches({"he": info["tasks"]["he"]}, "test", L, batch_size=2)
     assert ev["he"][0]["decoder_target_tokens"].shape == (2, L)
     # Without sizes (no prepared metadata) registration still works lazily.
     lazy = text.register_language_tasks(["en"], "mc4", vocab, prefix="test_ldro_lazy")
@@ -270,7 +272,7 @@ def test_shared_corpus_smoke(vocab):
   info = text.register_language_tasks(["jv", "yo"], "textfiles", vocab, data_dir=d,
                                      prefix="test_ldro")
   assert info["sizes"] == {l: manifest[l]["train"]["lines"] for l in ("jv", "yo")}
-  ev = text.eval_batches({"jv": info["tasks"]["jv"]}, "test", 64, batch_size=64)
+  ev = text_batchers.eval_batches({"jv": info["tasks"]["jv"]}, "test", 64, batch_size=64)
   weights = sum(b["decoder_loss_weights"].sum() for b in ev["jv"])
   assert weights > 1000
 

@@ -243,7 +243,8 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
         another number of processes with the same data order.
     """
     from ldro.data import text  # pylint: disable=g-import-not-at-top  (seqio, TF: slow)
-    self._text = text
+    from ldro.data import text_rows  # pylint: disable=g-import-not-at-top
+    self._text_rows = text_rows
     languages = [str(l) for l in languages]
     if not languages:
       raise ValueError("LanguageModelingExperiment.languages is empty.")
@@ -315,8 +316,8 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
     self._eval = {}
     self.num_eval_rows = {}
     for split in eval_splits:
-      rows = text.materialize(tasks, split, self.sequence_length,
-                              max_examples=max_eval_examples, cache_dir=cache_dir)
+      rows = text_rows.materialize(tasks, split, self.sequence_length,
+                                   max_examples=max_eval_examples, cache_dir=cache_dir)
       feats, ids, counts = {k: [] for k in text.FEATURES}, [], []
       for i, lang in enumerate(languages):
         r = rows[lang]
@@ -401,9 +402,9 @@ class LanguageModelingExperiment(experiment_lib.Experiment):
 
     def load(lang, shard):
       info = seqio.ShardInfo(index=shard, num_shards=s) if s > 1 else None
-      return self._text.packed_rows(tasks[lang], "train", self.sequence_length,
-                                    max_examples=max_examples, cache_dir=cache_dir,
-                                    shard_info=info)
+      return self._text_rows.packed_rows(tasks[lang], "train", self.sequence_length,
+                                         max_examples=max_examples, cache_dir=cache_dir,
+                                         shard_info=info)
 
     rows = text_shards.ShardedRows(self.languages, s, load)
     if self.alpha is None:

@@ -18,18 +18,17 @@ builds the same batch as ``S`` processes reading one each:
   language are ``S`` groups of ``b / S``; group ``g`` holds positions
   ``[s * b/S, (s+1) * b/S)`` of shard ``g``'s epoch-permuted stream.
 * :class:`ShardedMixtureBatcher` -- ``[B, L]``: the language draws are those of
-  :class:`ldro.data.text.MixtureBatcher` (the same for every ``S``); rows
+  :class:`ldro.data.text_batchers.MixtureBatcher` (the same for every ``S``); rows
   ``[g * B/S, (g+1) * B/S)`` take their language's next rows from shard ``g``.
 
 With ``S = 1`` (one shard, the whole split) both equal
-:class:`ldro.data.text.StratifiedBatcher` / ``MixtureBatcher`` exactly.
+:class:`ldro.data.text_batchers.StratifiedBatcher` / ``MixtureBatcher`` exactly.
 Shard streams for ``S > 1`` permute epoch ``e`` of language ``i``'s shard
 ``g`` with ``np.random.default_rng((seed, i, e, g, S))``.
 """
 
 from __future__ import annotations
 
-import collections
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -88,7 +87,7 @@ class ShardedRows:
     languages: language codes; their order defines the task ids.
     num_shards: ``S``.
     load: ``load(lang, shard) -> {feature: [R, L]}`` (e.g.
-      :func:`ldro.data.text.packed_rows` with ``seqio.ShardInfo(shard, S)``).
+      :func:`ldro.data.text_rows.packed_rows` with ``seqio.ShardInfo(shard, S)``).
   """
 
   def __init__(self, languages: Sequence[str], num_shards: int,
@@ -199,7 +198,7 @@ class ShardedStratifiedBatcher(_ShardedBatcherBase):
 class ShardedMixtureBatcher(_ShardedBatcherBase):
   """Static-mixing ``[B, L]`` batches (with ``'task'`` ids) over ``S`` input shards.
 
-  The languages of the rows are :class:`ldro.data.text.MixtureBatcher`'s draws;
+  The languages of the rows are :class:`ldro.data.text_batchers.MixtureBatcher`'s draws;
   row ``j`` (of language ``c``) in group ``g = j // (B/S)`` is the next row of
   ``c`` in shard ``g``'s stream (rows of group ``g`` counted over all earlier
   steps and the earlier rows of this step).
