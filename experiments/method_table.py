@@ -17,18 +17,26 @@ from absl import flags
 import ldro
 
 _BENCHMARK = flags.DEFINE_string(
-    "benchmark", None, "benchmark JSON with per-method rows (methods: method, ratio_to_plain, solver_ms).")
+    "benchmark", None, "benchmark JSON(s) with per-method rows (methods: method, "
+    "ratio_to_plain, solver_ms); comma-separated, a later file's rows replace an earlier's.")
 
 
 def overheads(path: Optional[str]) -> dict:
-  """``{method name: (ratio to plain, solver ms or None)}`` from a benchmark JSON."""
-  if not path:
-    return {}
-  with open(path, encoding="utf-8") as f:
-    res = json.load(f)
+  """``{method name: (ratio to plain, solver ms or None)}`` from benchmark JSON file(s).
+
+  ``path`` may list several files separated by commas; a method's row in a
+  later file replaces its row in an earlier one (a focused re-run of a few
+  methods over a full run).
+  """
   out = {}
-  for row in res.get("methods", []):
-    out[row["method"]] = (row.get("ratio_to_plain"), row.get("solver_ms"))
+  for p in (path or "").split(","):
+    if not p.strip():
+      continue
+    with open(p.strip(), encoding="utf-8") as f:
+      res = json.load(f)
+    for row in res.get("methods", []):
+      old = out.get(row["method"], (None, None))
+      out[row["method"]] = (row.get("ratio_to_plain"), row.get("solver_ms") or old[1])
   return out
 
 

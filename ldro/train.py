@@ -167,10 +167,11 @@ def make_train_step(
     param_shardings: optional pytree like the params of ``NamedSharding`` (or
       ``PartitionSpec``, under a mesh): per-task gradients are constrained to
       it (with a replicated task axis), and so is the update.
-    losses_fn: optional, lean mode only: ``losses_fn(params, batch, rng) ->
+    losses_fn: optional: ``losses_fn(params, batch, rng) ->
       (losses [N], aux)``, all task losses of the grouped batch in one call
-      (e.g. one model application on the flattened batch), used for the
-      step's forward/backward pass instead of ``vmap`` of ``task_loss_fn``
+      (e.g. one model application on the flattened batch), used for lean
+      mode's forward/backward pass (and, in either mode, for the validation
+      gradient of ``val_grads=True``) instead of ``vmap`` of ``task_loss_fn``
       over tasks. The backward pass is then exactly an ordinary one even for
       layers with a custom VJP, whose backward ``vmap`` would otherwise run
       per task (see ``ldro.models.cnn.conv_same``). ``aux`` may hold

@@ -270,9 +270,9 @@ def plain_bench(wl: workloads.Workload) -> StepBench:
 def method_bench(spec: workloads.MethodSpec, wl: workloads.Workload) -> StepBench:
   tx = spec.make_tx(wl.num_tasks)
   state = ldro_train.init_train_state(copy_tree(wl.params), tx, jax.random.PRNGKey(1))
-  batched = spec.mode == "lean" and not spec.vmap_losses
-  reuse = wl.reuse_refresh_grads if spec.reuse is None else spec.reuse
   val = "val_grads" in spec.info.needs
+  batched = (spec.mode == "lean" or val) and not spec.vmap_losses
+  reuse = wl.reuse_refresh_grads if spec.reuse is None else spec.reuse
   step = ldro_train.make_train_step(wl.task_loss, tx, mode=spec.mode,
                                     gram_strategy=spec.strategy, chunk_size=spec.chunk,
                                     losses_fn=wl.grouped_losses if batched else None,

@@ -103,7 +103,8 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
   def builder(ps):
     return ldro_train.make_train_step(
         exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
-        param_shardings=ps, losses_fn=exp.grouped_losses if mode == "lean" else None,
+        param_shardings=ps,
+        losses_fn=exp.grouped_losses if (mode == "lean" or needs_val) else None,
         reuse_refresh_grads=exp.reuse_refresh_grads, val_grads=needs_val)
   builder.needs_val = needs_val
   return tx, mode, builder
