@@ -63,3 +63,16 @@ def part_slice(num_examples: int, index: int, count: int) -> slice:
     raise ValueError(f"part index must lie in [0, {count}), got {index}.")
   n = int(num_examples)
   return slice(int(index) * n // int(count), (int(index) + 1) * n // int(count))
+
+
+def mixture_draws(seed: int, salt: int, block: int, steps: int, batch_size: int,
+                  rates: np.ndarray) -> np.ndarray:
+  """``[steps, batch_size]`` task ids of a static mixture's block ``block`` of steps.
+
+  Each row is drawn i.i.d. from ``rates`` with
+  ``np.random.default_rng((seed, salt, block))``: a block is a pure function of
+  its index, so a mixture batcher (:class:`ldro.data.text_batchers.MixtureBatcher`,
+  its per-host variant in :mod:`ldro.data.text_shards`) resumes exactly at any step.
+  """
+  rng = np.random.default_rng((seed, salt, block))
+  return rng.choice(len(rates), size=(steps, batch_size), p=rates)

@@ -228,9 +228,8 @@ class ShardedMixtureBatcher(_ShardedBatcherBase):
 
   def _block(self, k: int) -> Array:
     if self._block_cache[0] != k:
-      rng = np.random.default_rng((self.seed, self._SALT, k))
-      draws = rng.choice(len(self.languages), size=(self.block_steps, self.batch_size),
-                         p=self.rates)
+      draws = streams.mixture_draws(self.seed, self._SALT, k, self.block_steps, self.batch_size,
+                                    self.rates)
       self._block_cache = (k, draws)
     return self._block_cache[1]
 
