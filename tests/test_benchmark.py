@@ -183,3 +183,18 @@ def test_torch_references_without_torch_say_so():
   res = references.torch_step(workloads.cnn_architecture("tiny"), 3, 2, 1, 1,
                               steps=["plain", "mgda_loop", "cagrad_loop"])
   assert set(res["steps"]) | set(res["skipped"]) == {"plain", "mgda_loop", "cagrad_loop"}
+
+
+def test_method_table_merges_benchmark_files(tmp_path):
+  """A focused re-run's rows replace a full run's (keeping the solver time it did not measure)."""
+  from experiments import method_table  # pylint: disable=g-import-not-at-top
+  full, focused = tmp_path / "full.json", tmp_path / "focused.json"
+  full.write_text(json.dumps({"methods": [
+      {"method": "cagrad", "ratio_to_plain": 1.3, "solver_ms": 0.4},
+      {"method": "equal", "ratio_to_plain": 1.1, "solver_ms": None}]}))
+  focused.write_text(json.dumps({"methods": [{"method": "cagrad", "ratio_to_plain": 1.15}]}))
+  got = method_table.overheads(f"{full},{focused}")
+  assert got == {"cagrad": (1.15, 0.4), "equal": (1.1, None)}
+  table = method_table.table(got)
+  assert "| `cagrad` | CAGrad |" in table and "x1.15 | 0.40 ms" in table
+  assert len(table.splitlines()) == 2 + len(ldro.method_names())
