@@ -114,7 +114,8 @@ def test_baselines_from_json(tmp_path):
 
 def test_every_multilingual_gin_file_parses(gin_config):
   files = sorted(glob.glob(os.path.join(REPO, "gin_configs", "multilingual", "*.gin")))
-  sizes = {"base.gin", "cpu.gin", "cpu_mono.gin", "small.gin", "paper.gin"}
+  sizes = {"base.gin", "cpu.gin", "cpu_mono.gin", "small.gin", "paper.gin", "cpu_seeds.gin",
+           "cpu_mono_seeds.gin"}
   methods = [f for f in files if os.path.basename(f) not in sizes]
   assert len(methods) >= 9
   for f in methods:
@@ -132,6 +133,10 @@ def test_every_multilingual_gin_file_parses(gin_config):
   gin_config([f"gin_configs/multilingual/{f}"
               for f in ("monolingual.gin", "cpu.gin", "cpu_mono.gin")])
   assert gin.query_parameter("%ROWS_PER_LANGUAGE") == len(gin.query_parameter("%LANGUAGES"))
+  # The same for the 3-seed set-up (2 rows per language): 2 x 8 rows of the one language.
+  gin_config([f"gin_configs/multilingual/{f}" for f in
+              ("monolingual.gin", "cpu.gin", "cpu_seeds.gin", "cpu_mono_seeds.gin")])
+  assert gin.query_parameter("%ROWS_PER_LANGUAGE") == 2 * len(gin.query_parameter("%LANGUAGES"))
 
 
 def _fake_run(root, name, task_losses_by_step, test_offset=0.1):
