@@ -76,3 +76,21 @@ def mixture_draws(seed: int, salt: int, block: int, steps: int, batch_size: int,
   """
   rng = np.random.default_rng((seed, salt, block))
   return rng.choice(len(rates), size=(steps, batch_size), p=rates)
+
+
+class MixtureBlocks:
+  """:func:`mixture_draws` of one mixture, block by block, keeping the last block drawn.
+
+  ``blocks(k)`` is the ``[steps, batch_size]`` block ``k``; the batchers read the same block
+  for many consecutive steps, so only the last one is kept.
+  """
+
+  def __init__(self, seed: int, salt: int, steps: int, batch_size: int, rates: np.ndarray):
+    self._args = (seed, salt, steps, batch_size, rates)
+    self._last: tuple = (-1, None)
+
+  def __call__(self, block: int) -> np.ndarray:
+    if self._last[0] != block:
+      seed, salt, steps, batch_size, rates = self._args
+      self._last = (block, mixture_draws(seed, salt, block, steps, batch_size, rates))
+    return self._last[1]

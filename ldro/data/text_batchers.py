@@ -181,7 +181,8 @@ class MixtureBatcher:
     self._streams = [streams.EpochStream(rows[l]["decoder_target_tokens"].shape[0], seed, i)
                      for i, l in enumerate(self.languages)]
     self._counts_before = [np.zeros(len(self.languages), np.int64)]
-    self._block_cache: Tuple[int, Optional[Array]] = (-1, None)
+    self._block = streams.MixtureBlocks(self.seed, self._SALT, self.block_steps,
+                                        self.batch_size, self.rates)
 
   @classmethod
   def from_tasks(cls, tasks: Mapping[str, str],
@@ -211,13 +212,6 @@ class MixtureBatcher:
   @property
   def num_languages(self) -> int:
     return len(self.languages)
-
-  def _block(self, k: int) -> Array:
-    if self._block_cache[0] != k:
-      draws = streams.mixture_draws(self.seed, self._SALT, k, self.block_steps, self.batch_size,
-                                    self.rates)
-      self._block_cache = (k, draws)
-    return self._block_cache[1]
 
   def _counts_before_block(self, k: int) -> Array:
     n = len(self.languages)

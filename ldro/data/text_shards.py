@@ -224,14 +224,8 @@ class ShardedMixtureBatcher(_ShardedBatcherBase):
     self._group = self.batch_size // self.num_shards
     n = len(self.languages)
     self._counts_before = [np.zeros((self.num_shards, n), np.int64)]
-    self._block_cache: Tuple[int, Optional[Array]] = (-1, None)
-
-  def _block(self, k: int) -> Array:
-    if self._block_cache[0] != k:
-      draws = streams.mixture_draws(self.seed, self._SALT, k, self.block_steps, self.batch_size,
-                                    self.rates)
-      self._block_cache = (k, draws)
-    return self._block_cache[1]
+    self._block = streams.MixtureBlocks(self.seed, self._SALT, self.block_steps,
+                                        self.batch_size, self.rates)
 
   def _group_counts(self, draws: Array) -> Array:
     """[S, n] counts of each language in each row group of ``draws`` [steps, B]."""
