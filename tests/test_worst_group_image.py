@@ -129,10 +129,21 @@ TINY = ["WorstGroupImageExperiment.model_kwargs = {'features': 4, 'num_conv': 2,
         "train_and_evaluate.checkpoint_every = 4", "WorstGroupImageExperiment.eval_batch_size = 64"]
 
 
+def _tiny_with_pool(pool_seeds=None, **kw):
+  d = _tiny(**kw)
+  if pool_seeds is not None:
+    tr, trc, te, tec = _source()
+    d.pool_index = spurious.shared_pool_index(
+        tr, trc, te, tec, CIFAR10, pool_seeds, n_train=80, n_val=40, test_per_group=10,
+        majority_fraction=0.75)
+    d.pool_images = tr[d.pool_index]
+  return d
+
+
 @pytest.fixture
 def tiny_data(monkeypatch):
-  monkeypatch.setattr(spurious, "load_spurious_cifar10", lambda data_dir, **kw: _tiny(**{
-      k: v for k, v in kw.items() if k in ("variant", "seed")}))
+  monkeypatch.setattr(spurious, "load_spurious_cifar10", lambda data_dir, **kw: _tiny_with_pool(
+      **{k: v for k, v in kw.items() if k in ("variant", "seed", "pool_seeds")}))
 
 
 def _run(gin_config, tmp_path, name, files, bindings=()):
@@ -186,3 +197,52 @@ def test_jtt_two_stages_resumable(tmp_path, gin_config, tiny_data):
   with pytest.raises(FileNotFoundError, match="jtt_stage1_workdir"):
     wgi.WorstGroupImageExperiment(data=_tiny(), sampling="jtt",
                                   jtt_stage1_workdir=str(tmp_path / "none"))
+
+
+def test_shared_pool_leaves_out_every_seeds_train_and_val():
+  tr, trc, te, tec = _source()
+  kw = {"n_train": 80, "n_val": 40, "test_per_group": 10}
+  pool = spurious.shared_pool_index(tr, trc, te, tec, CIFAR10, (0, 1, 2), **kw)
+  used = set()
+  for seed in (0, 1, 2):
+    d = spurious.make_spurious_data(tr, trc, te, tec, CIFAR10, seed=seed, **kw)
+    used |= set(d.train["index"]) | set(d.val["index"])
+    assert set(pool) <= set(d.pool_index)
+  assert len(pool) > 0 and set(pool) == set(range(300)) - used  # everything else is pooled
+  with pytest.raises(ValueError, match="non-empty"):
+    spurious.shared_pool_index(tr, trc, te, tec, CIFAR10, (), **kw)
+
+
+def test_pretrain_then_fine_tune_from_it(tmp_path, gin_config, tiny_data):
+  del tiny_data
+  pool = ["WorstGroupImageExperiment.pool_seeds = (0, 1)", "PRETRAIN_STEPS = 4"]
+  records = _run(gin_config, tmp_path, "pretrain", ["pretrain.gin"], pool)
+  losses = [r["val_recon_loss"] for r in records]
+  assert [r["step"] for r in records] == [0, 2, 4] and losses[-1] < losses[0]
+  pre, step = wgi.restore_params(str(tmp_path / "pretrain"))
+  assert step == 4
+  # Fine-tuning starts from the encoder and the reconstruction head, with a fresh end head.
+  gin_config(["gin_configs/worst_group_image/mtl.gin"], TINY)
+  kw = dict(data=_tiny(), alpha_aux=1.0, model_kwargs={"features": 4, "num_conv": 2,
+                                                       "mlp_width": 8})
+  exp = wgi.WorstGroupImageExperiment(pretrained_workdir=str(tmp_path / "pretrain"),
+                                      pretrained_steps=4, **kw)
+  params = exp.init_params(jax.random.PRNGKey(1))["params"]
+  for name in ("conv_0", "conv_1", "dense_0", "dense_1", "aux_head"):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params[name], pre["params"][name])
+  assert not np.allclose(params["end_head"]["kernel"], pre["params"]["end_head"]["kernel"])
+  assert exp.pretrained_step == 4
+  # The gin route, end to end: pretrained.gin on top of a method's file.
+  records = _run(gin_config, tmp_path, "mtl", ["mtl.gin", "pretrained.gin"],
+                 pool + [f"PRETRAINED_WORKDIR = '{tmp_path / 'pretrain'}'"])
+  assert records[0]["pretrained_step"] == 4 and "val_recon_loss" in records[0]
+  # Bad input, one line each: an unfinished pre-training, a seed whose images may be in the
+  # pool, a run that is not a pre-training.
+  for bad, match in (({"pretrained_steps": 8}, "stopped at step 4, not 8"),
+                     ({"seed": 2}, "seed 2 is not among the pre-training run's pool_seeds"),
+                     ({"pretrained_workdir": str(tmp_path / "mtl")}, "not a pre-training run")):
+    args = {"pretrained_workdir": str(tmp_path / "pretrain"), "pretrained_steps": 4, **kw, **bad}
+    with pytest.raises(ValueError, match=match):
+      wgi.WorstGroupImageExperiment(**args).init_params(jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match="trains the reconstruction alone"):
+    wgi.WorstGroupImageExperiment(data=_tiny(), sampling="pretrain", alpha_reg=0.1)

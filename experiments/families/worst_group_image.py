@@ -20,6 +20,12 @@ accuracy. The methods are options, selected in gin:
   ``gin_configs/methods/dro.gin`` (:func:`ldro.group_dro`) or ``ldro.gin`` (L-DRO over groups);
   any registered method works. With ``alpha_aux``/``alpha_reg`` the group losses carry the MTL
   terms too (regularized MTL + DRO, beyond the paper).
+* **Pre-training of the auxiliary task** (spec section 3: one checkpoint, trained once on data
+  disjoint from the end task's): ``sampling='pretrain'`` trains the encoder and the
+  reconstruction head alone (no end task, no cue) on the pool of CIFAR-10 training images that
+  no seed in ``pool_seeds`` uses (:func:`ldro.data.spurious.shared_pool_index`). Any method
+  then starts from it with ``pretrained_workdir`` (encoder and reconstruction head restored,
+  end head freshly initialised per seed); without it, from scratch (the control).
 * **JTT**: stage 1 is an ERM run; stage 2 (``sampling='jtt'``, ``jtt_stage1_workdir``,
   ``jtt_up_weight``) re-initializes the model and trains on the training set with stage 1's
   misclassified examples duplicated ``lambda_up`` times
@@ -39,8 +45,10 @@ Each evaluation records, besides the runner's fields: ``val_group_accuracy`` [4]
 change when the cue is swapped), ``mean_abs_h`` (test), ``end_head_norm``, ``aux_head_norm``.
 """
 
+import ast
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import gin
 import jax
@@ -58,7 +66,7 @@ from ldro.data import streams
 from ldro.models import cnn
 
 PyTree = Any
-SAMPLINGS = ("iid", "groups", "jtt")
+SAMPLINGS = ("iid", "groups", "jtt", "pretrain")
 RECON_SIZE = 16  # the clean image is reconstructed at 16x16x3 (2x2 average pooling)
 
 
@@ -133,13 +141,18 @@ def _as_group_data(split: dict) -> images_lib.TaskImageData:
       test_tasks=split["group"])
 
 
-def restore_params(workdir: str) -> tuple[PyTree, int]:
-  """``(params, step)`` of the newest checkpoint of a runner workdir (e.g. JTT's stage 1)."""
+def restore_params(workdir: str, setting: str = "WorstGroupImageExperiment.jtt_stage1_workdir",
+                   what: str = "JTT's stage 1 (an ERM run)") -> tuple[PyTree, int]:
+  """``(params, step)`` of the newest checkpoint of a runner workdir (e.g. JTT's stage 1).
+
+  Raises:
+    FileNotFoundError: no checkpoint there (the message names ``setting`` and ``what`` to run).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"no checkpoints in {workdir!r} (WorstGroupImageExperiment."
-                            "jtt_stage1_workdir): run JTT's stage 1 (an ERM run) there first.")
+    raise FileNotFoundError(f"no checkpoints in {workdir!r} ({setting}): run {what} there "
+                            "first.")
   mngr = ocp.CheckpointManager(ckpt_dir, item_handlers=ocp.StandardCheckpointHandler())
   try:
     step = mngr.latest_step()
@@ -150,6 +163,71 @@ def restore_params(workdir: str) -> tuple[PyTree, int]:
     mngr.close()
   params = restored["params"] if isinstance(restored, dict) else restored.params
   return jax.tree_util.tree_map(jnp.asarray, params), int(step)
+
+
+def _recorded_bindings(workdir: str) -> dict:
+  """The gin bindings a runner workdir was made with (``run_config.json``; {} if absent)."""
+  path = os.path.join(workdir, "run_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f).get("bindings", {})
+
+
+#: Seeds whose train/val images a pre-training pool leaves out by default (the 5 seeds).
+POOL_SEEDS = (0, 1, 2, 3, 4)
+#: Parameters restored from a pre-training checkpoint (the end head is initialised afresh).
+PRETRAINED_MODULES = ("conv_", "dense_", "aux_head")
+
+
+def load_pretrained(fresh: PyTree, workdir: str, seed: int, n_train: int, n_val: int,
+                    num_steps: Optional[int]) -> tuple[PyTree, int]:
+  """``fresh`` with the encoder and reconstruction head of the pre-training run at ``workdir``.
+
+  Checks that the run was a pre-training run (``sampling='pretrain'``) whose pool excludes
+  this seed's training and validation images (``seed`` in its ``pool_seeds``, same split
+  sizes), that it finished (checkpoint step ``num_steps``, when given), and that its encoder
+  has this model's shapes.
+
+  Returns:
+    ``(params, pretraining step)``.
+
+  Raises:
+    ValueError, FileNotFoundError: one line naming the mismatch.
+  """
+  setting = "WorstGroupImageExperiment.pretrained_workdir"
+  rec = _recorded_bindings(workdir)
+  prefix = "WorstGroupImageExperiment."
+  if rec.get(prefix + "sampling") != "'pretrain'":
+    raise ValueError(f"{workdir!r} ({setting}) is not a pre-training run: its run_config.json "
+                     f"records sampling={rec.get(prefix + 'sampling', '(none)')}.")
+  pool_seeds = tuple(ast.literal_eval(rec.get(prefix + "pool_seeds", repr(POOL_SEEDS))))
+  if seed not in pool_seeds:
+    raise ValueError(f"seed {seed} is not among the pre-training run's pool_seeds "
+                     f"{pool_seeds} ({setting}={workdir!r}): its training images may be in "
+                     "the pre-training pool.")
+  for key, value in (("n_train", n_train), ("n_val", n_val)):
+    if prefix + key in rec and int(rec[prefix + key]) != value:
+      raise ValueError(f"the pre-training run at {workdir!r} used {key}={rec[prefix + key]}, "
+                       f"this run {key}={value}: its pool is not disjoint from this run's data.")
+  params, step = restore_params(workdir, setting, "the pre-training (pretrain.gin)")
+  if num_steps is not None and step != num_steps:
+    raise ValueError(f"the pre-training run at {workdir!r} stopped at step {step}, not "
+                     f"{num_steps} (WorstGroupImageExperiment.pretrained_steps): resume it "
+                     "first.")
+  out = jax.tree_util.tree_map(lambda x: x, fresh)
+  for name, sub in params["params"].items():
+    if not name.startswith(PRETRAINED_MODULES):
+      continue
+    if name not in out["params"]:
+      raise ValueError(f"pre-trained module {name!r} is not in this model ({setting}).")
+    shapes = jax.tree_util.tree_map(jnp.shape, sub)
+    want = jax.tree_util.tree_map(jnp.shape, out["params"][name])
+    if shapes != want:
+      raise ValueError(f"pre-trained {name} has shapes {shapes}, this model {want} "
+                       f"(model_kwargs must match the pre-training run's).")
+    out["params"][name] = sub
+  return out, step
 
 
 @gin.configurable
@@ -172,6 +250,8 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
                alpha_aux: float = 0.0, alpha_reg: float = 0.0, mask_ratio: float = 0.6,
                mask_patch: int = 4, head_weight_decay: float = 0.0,
                jtt_stage1_workdir: Optional[str] = None, jtt_up_weight: int = 20,
+               pretrained_workdir: Optional[str] = None, pretrained_steps: Optional[int] = None,
+               pool_seeds: Sequence[int] = POOL_SEEDS,
                model_kwargs: Optional[dict] = None, conv_impl: str = "auto",
                eval_batch_size: int = 1000, data: Optional[spurious.SpuriousData] = None):
     """Builds the data, the model and the batches.
@@ -184,7 +264,8 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
         :func:`ldro.data.spurious.make_spurious_data`.
       batch_size: training batch (``sampling='groups'``: ``batch_size // 4`` per group).
       sampling: ``'iid'`` (ERM, MTL; runner ``mode='plain'``), ``'groups'`` (group-grouped
-        batches for a weighting method, e.g. group DRO) or ``'jtt'`` (JTT stage 2,
+        batches for a weighting method, e.g. group DRO), ``'jtt'`` (JTT stage 2,
+        ``mode='plain'``) or ``'pretrain'`` (the reconstruction alone on the pool,
         ``mode='plain'``).
       alpha_aux: weight of the reconstruction loss (0: no auxiliary pass).
       alpha_reg: weight of the activation l1 ``mean|h|`` (of both passes).
@@ -193,14 +274,21 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
       jtt_stage1_workdir: JTT stage 1's workdir (an ERM run); its newest checkpoint defines
         the error set.
       jtt_up_weight: JTT's ``lambda_up``.
+      pretrained_workdir: a finished ``sampling='pretrain'`` run: the encoder and the
+        reconstruction head start from its checkpoint (None: from scratch).
+      pretrained_steps: the pre-training's length; its checkpoint must be at this step
+        (None: not checked).
+      pool_seeds: ``sampling='pretrain'``: the seeds whose train and val images are left out
+        of the pool (the fine-tuning runs' seeds).
       model_kwargs: overrides of :class:`WorstGroupNet`'s encoder fields.
       conv_impl: convolution kernels (:mod:`ldro.models.cnn`).
       eval_batch_size: examples per evaluation batch.
       data: a prepared :class:`SpuriousData` (tests); else loaded from ``data_dir``.
 
     Raises:
-      ValueError: a bad option (naming its gin binding), an empty group, an empty JTT error set.
-      FileNotFoundError: missing data or JTT stage-1 checkpoints.
+      ValueError: a bad option (naming its gin binding), an empty group, an empty JTT error set,
+        a pre-training run that does not fit this run.
+      FileNotFoundError: missing data, JTT stage-1 or pre-training checkpoints.
     """
     name = "WorstGroupImageExperiment."
     self.seed = _whole(seed, "seed", 0)
@@ -216,6 +304,10 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
     self.alpha_aux, self.alpha_reg = float(alpha_aux), float(alpha_reg)
     self.head_weight_decay = float(head_weight_decay)
     self.mask_ratio, self.mask_patch = float(mask_ratio), int(mask_patch)
+    if sampling == "pretrain" and (self.alpha_aux or self.alpha_reg):
+      raise ValueError(f"{name}sampling='pretrain' trains the reconstruction alone: "
+                       f"alpha_aux and alpha_reg must be 0, got {alpha_aux}, {alpha_reg}.")
+    self.pool_seeds = tuple(_whole(s, "pool_seeds", 0) for s in pool_seeds)
     if data is None:
       if data_dir is None:
         raise ValueError(f"{name}data_dir (DATA_DIR) is required: the CIFAR-10 ImageFolder.")
@@ -223,7 +315,10 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
                                    f"{name}data_dir (DATA_DIR)")
       data = spurious.load_spurious_cifar10(
           data_dir, variant=variant, seed=self.seed, n_train=n_train, n_val=n_val,
-          majority_fraction=majority_fraction, test_per_group=test_per_group)
+          majority_fraction=majority_fraction, test_per_group=test_per_group,
+          pool_seeds=self.pool_seeds if sampling == "pretrain" else None)
+    if sampling == "pretrain" and data.pool_images is None:
+      raise ValueError(f"{name}sampling='pretrain' needs the data's pool_images.")
     self.data = data
     self.task_names = list(spurious.GROUP_NAMES)
     kwargs = dict(model_kwargs or {})
@@ -241,18 +336,29 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
       raise ValueError(f"images of {h}x{w} must be even and divisible by mask_patch="
                        f"{self.mask_patch} ({name}mask_patch).")
     self.model = self.model.clone(recon_dim=(h // 2) * (w // 2) * 3)
-    n = len(data.train["label"])
+    n = len(data.pool_images if sampling == "pretrain" else data.train["label"])
     if sampling == "groups":
       self.batcher = images_lib.GroupedBatcher(_as_group_data(data.train), self.batch_size,
                                                self.seed)
       self.steps_per_epoch = self.batcher.steps_per_epoch
     else:
       if self.batch_size > n:
-        raise ValueError(f"{name}batch_size={batch_size} exceeds the {n} training examples.")
+        raise ValueError(f"{name}batch_size={batch_size} exceeds the {n} training examples"
+                         f"{' of the pool' if sampling == 'pretrain' else ''}.")
       self.batcher = None
       self._stream = streams.EpochStream(n, self.seed, 0)
       self.steps_per_epoch = n // self.batch_size
     self._eval_fn = jax.jit(self._eval_batch)
+    self._recon_fn = jax.jit(self._reconstruction)
+    self.pretrained_workdir = (None if pretrained_workdir is None else
+                               paths.resolve(pretrained_workdir))
+    self.pretrained_steps = (None if pretrained_steps is None else
+                             _whole(pretrained_steps, "pretrained_steps", 1))
+    self.pretrained_step = None  # set by init_params
+    self._n_split = (int(n_train), int(n_val))
+    if self.pretrained_workdir is not None and sampling == "pretrain":
+      raise ValueError(f"{name}pretrained_workdir is for fine-tuning; a pre-training run "
+                       "(sampling='pretrain') starts from scratch.")
     self.jtt_errors = None
     self.jtt_up_weight = _whole(jtt_up_weight, "jtt_up_weight", 1)
     if sampling == "jtt":
@@ -269,8 +375,15 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
   # -- Model and losses. --
 
   def init_params(self, rng: jax.Array) -> PyTree:
+    """Fresh parameters, or the pre-trained encoder and reconstruction head with a fresh end
+    head (``pretrained_workdir``)."""
     x = jnp.zeros((1,) + self._image_shape, jnp.float32)
-    return self.model.init(rng, x, method=WorstGroupNet.init_all)
+    params = self.model.init(rng, x, method=WorstGroupNet.init_all)
+    if self.pretrained_workdir is None:
+      return params
+    params, self.pretrained_step = load_pretrained(
+        params, self.pretrained_workdir, self.seed, *self._n_split, self.pretrained_steps)
+    return params
 
   def _head_penalty(self, params):
     if self.head_weight_decay == 0.0:
@@ -290,19 +403,30 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
     if self.alpha_reg > 0:
       extra = extra + self.alpha_reg * worst_group.l1_activation(h_end)
     if self.alpha_aux > 0:
-      mask = worst_group.random_patch_mask(rng, images.shape, self.mask_patch, self.mask_ratio)
-      pred, h_aux = self.model.apply(params, worst_group.apply_patch_mask(images, mask),
-                                     method=WorstGroupNet.reconstruct)
-      target = downsample(images).reshape(pred.shape)
-      recon = worst_group.masked_reconstruction_loss(pred, target)
+      recon, h_aux = self._reconstruction(params, images, rng)
       extra = extra + self.alpha_aux * recon
       stats["recon_loss"] = recon
       if self.alpha_reg > 0:
         extra = extra + self.alpha_reg * worst_group.l1_activation(h_aux)
     return ce, extra + self._head_penalty(params), stats
 
+  def _reconstruction(self, params, images, rng):
+    """``(MSE of the masked input's reconstruction, h of the masked pass)``."""
+    mask = worst_group.random_patch_mask(rng, images.shape, self.mask_patch, self.mask_ratio)
+    pred, h_aux = self.model.apply(params, worst_group.apply_patch_mask(images, mask),
+                                   method=WorstGroupNet.reconstruct)
+    target = downsample(images).reshape(pred.shape)
+    return worst_group.masked_reconstruction_loss(pred, target), h_aux
+
   def plain_loss(self, params, batch, rng):
-    """Eq. 9 on an i.i.d. batch: ``(loss, {'task_losses': per-group CE [4] (0 if absent)})``."""
+    """Eq. 9 on an i.i.d. batch: ``(loss, {'task_losses': per-group CE [4] (0 if absent)})``.
+
+    ``sampling='pretrain'``: the reconstruction loss alone (logged as every ``task_losses``
+    entry: there is no end task).
+    """
+    if self.sampling == "pretrain":
+      recon, h_aux = self._reconstruction(params, batch["image"], rng)
+      return recon, {"recon_loss": recon, "mean_abs_h": worst_group.l1_activation(h_aux)}
     if self.sampling == "groups":
       raise ValueError("WorstGroupImageExperiment.sampling='groups' needs a weighting method "
                        "(train_and_evaluate.mode 'lean' or 'jacobian'), not mode='plain'.")
@@ -356,6 +480,8 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
     if self.batcher is not None:
       return self.batcher.batch(step)
     rows = self._rows(step)
+    if self.sampling == "pretrain":
+      return {"image": images_lib.normalize_images(self.data.pool_images[rows])}
     tr = self.data.train
     return {"image": images_lib.normalize_images(tr["image"][rows]), "label": tr["label"][rows],
             "group": tr["group"][rows]}
@@ -390,6 +516,16 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
     zeros = np.zeros(n, np.int32)
     return self._run(params, images, zeros, zeros)[2]
 
+  def _val_reconstruction(self, params) -> float:
+    """Mean reconstruction loss on the validation images, with fixed masks (a monitor of the
+    auxiliary task, comparable across evaluations and runs)."""
+    images, total = self.data.val["image"], 0.0
+    for k, i in enumerate(range(0, len(images), self.eval_batch_size)):
+      batch = images_lib.normalize_images(images[i:i + self.eval_batch_size])
+      loss, _ = self._recon_fn(params, batch, jax.random.PRNGKey(k))
+      total += float(loss) * len(batch)
+    return total / len(images)
+
   def evaluate(self, params: PyTree) -> dict:
     """Per-group test accuracy (``task_accuracy``) and the other fields (module docstring)."""
     te, va = self.data.test, self.data.val
@@ -401,7 +537,13 @@ class WorstGroupImageExperiment(experiment_lib.Experiment):
     val_acc = v_correct / v_counts
     width = self.model.mlp_width
     p = params["params"]
+    extra = {}
+    if self.sampling == "pretrain" or self.alpha_aux > 0:
+      extra["val_recon_loss"] = self._val_reconstruction(params)
+    if self.pretrained_step is not None:
+      extra["pretrained_step"] = self.pretrained_step
     return {
+        **extra,
         "task_accuracy": [float(x) for x in test_acc],
         "test_average_accuracy": float(correct.sum() / counts.sum()),
         "test_worst_group": spurious.GROUP_NAMES[int(np.argmin(test_acc))],

@@ -47,7 +47,7 @@ from ldro import worst_group
 
 __all__ = ["VEHICLES", "ANIMALS", "LABEL_NAMES", "CUE_NAMES", "GROUP_NAMES", "VARIANTS",
            "SpuriousData", "make_spurious_data", "paint_cue", "load_spurious_cifar10",
-           "group_names"]
+           "shared_pool_index", "group_names"]
 
 VEHICLES = ("airplane", "automobile", "ship", "truck")
 ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
@@ -76,6 +76,8 @@ class SpuriousData:
       'group': 2 y + s [n], 'class': CIFAR-10 class id [n], 'index': row in the source
       split [n], 'jitter': the cue colour's jitter [n, 3]}``; ``test`` also holds ``'image_flipped'`` (the same images, cue swapped).
     pool_index: rows of the source training images in the pre-training pool (no cue).
+    pool_images: uint8 ``[n_pool, H, W, 3]``, the pool's images (only when loaded with
+      ``pool_seeds``; else None).
     class_names: the source's class names (CIFAR-10 class ids index it).
     counts: ``{split: [4] examples per group}``.
   """
@@ -86,6 +88,7 @@ class SpuriousData:
   pool_index: np.ndarray
   class_names: list
   counts: dict
+  pool_images: Optional[np.ndarray] = None
 
   @property
   def num_groups(self) -> int:
@@ -245,12 +248,48 @@ def make_spurious_data(train_images: np.ndarray, train_classes: np.ndarray,
                       pool_index=pool_index, class_names=list(class_names), counts=counts)
 
 
-def load_spurious_cifar10(data_dir: str | os.PathLike, **kwargs) -> SpuriousData:
+def shared_pool_index(train_images: np.ndarray, train_classes: np.ndarray,
+                      test_images: np.ndarray, test_classes: np.ndarray,
+                      class_names: Sequence[str], seeds: Sequence[int], **kwargs) -> np.ndarray:
+  """Rows of the source training images that no seed in ``seeds`` puts in train or val.
+
+  The pre-training pool of one checkpoint shared by runs at several seeds (spec section 3:
+  pre-trained once, on data disjoint from the end task's): with 4800 + 2000 images per seed,
+  five seeds leave about half of CIFAR-10's 50,000 training images. ``kwargs`` are
+  :func:`make_spurious_data`'s split options (``n_train``, ``n_val``, ...), which must be
+  those of the runs that fine-tune from the checkpoint.
+
+  Raises:
+    ValueError: no seeds.
+  """
+  seeds = [int(s) for s in seeds]
+  if not seeds:
+    raise ValueError("pool seeds must be a non-empty list of seeds.")
+  pool = None
+  for seed in seeds:
+    index = make_spurious_data(train_images, train_classes, test_images, test_classes,
+                               class_names, seed=seed, **kwargs).pool_index
+    pool = index if pool is None else np.intersect1d(pool, index)
+  return pool
+
+
+def load_spurious_cifar10(data_dir: str | os.PathLike,
+                          pool_seeds: Optional[Sequence[int]] = None,
+                          **kwargs) -> SpuriousData:
   """:func:`make_spurious_data` on the CIFAR-10 ImageFolder at ``data_dir`` (offline JPEGs).
 
   The decoded images come from :func:`ldro.data.images.load_imagefolder_pair_tasks` (and its
   ``.npz`` cache), with the five default pairs, which hold each of the ten classes once.
-  Returns the :class:`SpuriousData`; ``pool_images`` is not copied (see ``pool_index``).
+
+  Args:
+    data_dir: the ImageFolder.
+    pool_seeds: if given, ``pool_index`` is :func:`shared_pool_index` over these seeds (the
+      pool of a pre-training run shared by fine-tuning runs at those seeds) and
+      ``pool_images`` holds its images; else ``pool_images`` is None.
+    **kwargs: :func:`make_spurious_data`'s options.
+
+  Returns:
+    The :class:`SpuriousData`.
   """
   from ldro.data import images as images_lib  # pylint: disable=g-import-not-at-top
   pairs = images_lib.DEFAULT_CIFAR10_PAIRS
@@ -261,5 +300,10 @@ def load_spurious_cifar10(data_dir: str | os.PathLike, **kwargs) -> SpuriousData
     raise ValueError(f"classes {missing} not found in {str(data_dir)!r}; found {names}.")
   # Each class appears in exactly one default pair: train_images holds every image once, in a
   # fixed order (tasks, then ImageFolder order).
-  return make_spurious_data(data.train_images, data.train_labels, data.test_images,
-                            data.test_labels, names, **kwargs)
+  source = (data.train_images, data.train_labels, data.test_images, data.test_labels, names)
+  out = make_spurious_data(*source, **kwargs)
+  if pool_seeds is not None:
+    split_options = {k: v for k, v in kwargs.items() if k != "seed"}
+    out.pool_index = shared_pool_index(*source, seeds=pool_seeds, **split_options)
+    out.pool_images = data.train_images[out.pool_index]
+  return out
