@@ -15,9 +15,13 @@ W=workdirs/cifar10_regime
 mkdir -p $W
 S="nice -n 19 python -m experiments.sweep"
 
-lane_a() {  # the clean regime: core seed 0, core seed 2, rest of the grid, ablations
+lane_a() {  # the clean regime: core seeds 0 and 2; narrow-CNN ablations (T, renormalisation)
+  # seed 0; the failure case's seeds 1-2; the rest of the grid; the larger CNNs and ablation seeds
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=0
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=2
+  $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0 --only='^ldro_'
+  $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=1
+  $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=2
   $S --sweep=cifar10_regime --root=$W/regime --seeds=0,1,2
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=1,2
