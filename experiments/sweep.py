@@ -65,7 +65,9 @@ class Run:
     name: run directory name, ``<method>`` or ``<method>-<hparams>``.
     gin_files: gin files in order (``gin_configs/...``: an experiment's
       ``base.gin`` and a ``gin_configs/methods/`` file).
-    bindings: gin bindings applied after the files.
+    bindings: gin bindings applied after the files; ``{root}`` and ``{seed}`` in them stand
+      for the sweep's root and the run's seed (e.g. JTT's stage 2 names its stage-1 run
+      ``'{root}/jtt_stage1/seed{seed}'``).
     method: method label for grouping in the Pareto analysis.
   """
   name: str
@@ -275,6 +277,29 @@ def worst_group_image_grid() -> list[Run]:
   return runs
 
 
+#: Where ``worst_group_image_methods`` finds the pre-training run (pretrain.gin).
+WORST_GROUP_PRETRAINED = "workdirs/worst_group_image/pretrain"
+
+
+def worst_group_methods_grid(pretrained: bool = True) -> list[Run]:
+  """Spurious-CIFAR (issue 14), every method of the paper at its default configuration, from
+  the pre-trained encoder (``pre-*``, pretrained.gin with :data:`WORST_GROUP_PRETRAINED`) or
+  from scratch (``scratch-*``, the Tables 5/6 control): ERM, regularized MTL (alpha_aux =
+  alpha_reg = e^-1, the paper's Waterbirds choice), its +l1 and +aux ablations, group DRO
+  (eta 0.1), JTT (stage 1: T = 2 epochs of ERM; stage 2: lambda_up = 20, after it in the
+  order): 7 runs."""
+  d = "gin_configs/worst_group_image"
+  prefix = "pre" if pretrained else "scratch"
+  extra = (f"{d}/pretrained.gin",) if pretrained else ()
+  pre = (f"PRETRAINED_WORKDIR = '{WORST_GROUP_PRETRAINED}'",) if pretrained else ()
+  runs = [Run(f"{prefix}-{m}", (f"{d}/{m}.gin",) + extra, pre, m)
+          for m in ("erm", "mtl", "l1_only", "aux_only", "group_dro", "jtt_stage1")]
+  runs.append(Run(f"{prefix}-jtt", (f"{d}/jtt.gin",) + extra,
+                  pre + (f"JTT_STAGE1_WORKDIR = '{{root}}/{prefix}-jtt_stage1/seed{{seed}}'",),
+                  "jtt"))
+  return runs
+
+
 SWEEPS: dict[str, Callable[[], list[Run]]] = {
     # Offline multitask CIFAR-10 (5 pair tasks), CPU budget: 19 runs.
     "cifar10_mtl": lambda: method_grid("gin_configs/cifar10_mtl"),
@@ -303,6 +328,10 @@ SWEEPS: dict[str, Callable[[], list[Run]]] = {
     "multilingual_seeds": multilingual_seeds_grid,
     # Spurious-CIFAR (issue 14): regularized MTL grid, ablations, group DRO eta: 16 runs.
     "worst_group_image": worst_group_image_grid,
+    # Spurious-CIFAR, the paper's methods at their defaults, pre-trained then from scratch
+    # (run pretrain.gin first): 14 runs per seed.
+    "worst_group_image_methods": lambda: (worst_group_methods_grid(True)
+                                          + worst_group_methods_grid(False)),
     # The 2-D proof of concept (section 4), handy for smoke tests: 3 runs.
     "synthetic": _synthetic_sweep,
 }
@@ -323,17 +352,24 @@ def sweep_runs(name: str) -> list[Run]:
   return runs
 
 
-def run_bindings(run: Run, seed: int, extra: Sequence[str] = ()) -> list[str]:
-  """All gin bindings of ``run`` at ``seed`` (seed macros, one checkpoint kept)."""
-  return list(run.bindings) + [f"SEED = {seed}", f"train_and_evaluate.seed = {seed}",
-                               "train_and_evaluate.keep_checkpoints = 1"] + list(extra)
+def run_bindings(run: Run, seed: int, extra: Sequence[str] = (), root: str = "") -> list[str]:
+  """All gin bindings of ``run`` at ``seed`` (seed macros, one checkpoint kept), with
+  ``{root}`` and ``{seed}`` filled in."""
+  own = [b.replace("{root}", root).replace("{seed}", str(seed)) for b in run.bindings]
+  return own + [f"SEED = {seed}", f"train_and_evaluate.seed = {seed}",
+                "train_and_evaluate.keep_checkpoints = 1"] + list(extra)
+
+
+def _root_of(workdir: str) -> str:
+  """The sweep root of a run directory ``<root>/<name>/seed<k>``."""
+  return os.path.dirname(os.path.dirname(workdir))
 
 
 def run_command(run: Run, seed: int, workdir: str, extra: Sequence[str] = ()) -> list[str]:
   """The ``python -m experiments.train`` command line of ``run`` at ``seed``."""
   cmd = [sys.executable, "-m", "experiments.train"]
   cmd += [f"--gin_file={f}" for f in run.gin_files]
-  cmd += [f"--gin_bindings={b}" for b in run_bindings(run, seed, extra)]
+  cmd += [f"--gin_bindings={b}" for b in run_bindings(run, seed, extra, _root_of(workdir))]
   return cmd + [f"--workdir={workdir}"]
 
 
@@ -367,7 +403,7 @@ def _train_in_process(run: Run, seed: int, workdir: str, extra: Sequence[str]) -
   from experiments.runner import loop  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    train_lib.parse_gin(run.gin_files, run_bindings(run, seed, extra))
+    train_lib.parse_gin(run.gin_files, run_bindings(run, seed, extra, _root_of(workdir)))
     loop.train_and_evaluate(workdir, quiet=True)
   finally:
     gin.clear_config()
@@ -423,7 +459,8 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       f.write(cmd_str + "\n")
     with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
       json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
-                 "bindings": run_bindings(run, seed, extra_bindings)} | _code_version(), f, indent=2)
+                 "bindings": run_bindings(run, seed, extra_bindings, _root_of(os.path.abspath(
+                     workdir)))} | _code_version(), f, indent=2)
     say(f"{head}: {'resuming' if status == 'partial' else 'starting'}")
     t0 = time.time()
     error = None

@@ -246,3 +246,18 @@ def test_pretrain_then_fine_tune_from_it(tmp_path, gin_config, tiny_data):
       wgi.WorstGroupImageExperiment(**args).init_params(jax.random.PRNGKey(1))
   with pytest.raises(ValueError, match="trains the reconstruction alone"):
     wgi.WorstGroupImageExperiment(data=_tiny(), sampling="pretrain", alpha_reg=0.1)
+
+
+def test_methods_sweep_wires_pretraining_and_jtt_stages():
+  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  runs = {r.name: r for r in sweep.sweep_runs("worst_group_image_methods")}
+  assert len(runs) == 14 and all(f"{p}-{m}" in runs for p in ("pre", "scratch") for m in (
+      "erm", "mtl", "l1_only", "aux_only", "group_dro", "jtt_stage1", "jtt"))
+  names = list(runs)
+  assert names.index("pre-jtt_stage1") < names.index("pre-jtt")  # stage 1 runs first
+  cmd = sweep.run_command(runs["pre-jtt"], 3, "/r/pre-jtt/seed3")
+  assert "--gin_file=gin_configs/worst_group_image/pretrained.gin" in cmd
+  assert "--gin_bindings=JTT_STAGE1_WORKDIR = '/r/pre-jtt_stage1/seed3'" in cmd
+  assert f"--gin_bindings=PRETRAINED_WORKDIR = '{sweep.WORST_GROUP_PRETRAINED}'" in cmd
+  scratch = sweep.run_command(runs["scratch-erm"], 0, "/r/scratch-erm/seed0")
+  assert not any("pretrained" in c.lower() for c in scratch)
