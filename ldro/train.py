@@ -214,10 +214,11 @@ def make_train_step(
         raise ValueError("make_train_step(val_grads=True) needs the batch "
                          "{'train': ..., 'val': ...} (a validation batch for the method).")
       batch, val_batch = batch["train"], batch["val"]
-      extra_args["val_grads"] = _constrain(
-          _validation_grads(task_loss_fn, batched_losses_fn, state.params, val_batch,
-                            jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 2)),
-          param_shardings)
+      val_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 2)
+      # Tasks weighted equally: the gradient of the validation batch's mean task loss.
+      extra_args["val_grads"] = _constrain(jax.grad(lambda p: jnp.mean(all_task_losses(
+          task_loss_fn, batched_losses_fn, p, val_batch, val_key)[0]))(state.params),
+                                           param_shardings)
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     key = jax.random.fold_in(state.rng, state.step)
     loss_key, tx_key = jax.random.split(key)
@@ -228,8 +229,8 @@ def make_train_step(
       task_batch, task_key = task_batch_and_key
       return task_loss_fn(params, task_batch, task_key)
 
-    def losses_fn(params):
-      return jax.vmap(one_task, in_axes=(None, 0))(params, sliced)
+    def losses_fn(params):  # every task's loss from its slice: vmap of task_loss_fn
+      return all_task_losses(task_loss_fn, None, params, batch, loss_key)
 
     if mode == "jacobian":
       (losses, aux), task_grads = jax.vmap(
@@ -240,11 +241,9 @@ def make_train_step(
                                      task_losses=losses, task_mask=mask, key=tx_key,
                                      **extra_args)
     else:
-      if batched_losses_fn is not None:
-        all_losses = lambda params: batched_losses_fn(params, batch, loss_key)
-      else:
-        all_losses = losses_fn
-      losses, vjp_fn, aux = jax.vjp(all_losses, state.params, has_aux=True)
+      losses, vjp_fn, aux = jax.vjp(
+          lambda p: all_task_losses(task_loss_fn, batched_losses_fn, p, batch, loss_key),
+          state.params, has_aux=True)
       mask = _task_mask(aux)
       scalar_loss = lambda p, tb_k: one_task(p, tb_k)[0]
       if gram_strategy == "grouped" and reuse_refresh_grads:
@@ -270,19 +269,14 @@ def make_train_step(
   return step
 
 
-def _validation_grads(task_loss_fn, grouped_losses_fn, params, val_batch, key) -> PyTree:
-  """Gradient of the validation batch's mean task loss (tasks weighted equally)."""
-  n = jax.tree_util.tree_leaves(val_batch)[0].shape[0]
-
-  def mean_loss(p):
-    if grouped_losses_fn is not None:
-      losses = grouped_losses_fn(p, val_batch, key)[0]
-    else:
-      keys = jax.random.split(key, n)
-      losses = jax.vmap(lambda tb, k: task_loss_fn(p, tb, k)[0])(val_batch, keys)
-    return jnp.mean(losses)
-
-  return jax.grad(mean_loss)(params)
+def all_task_losses(task_loss_fn, grouped_losses_fn, params, batch, key) -> tuple[Array, Any]:
+  """``(losses [N], aux)`` of a task-grouped batch: ``grouped_losses_fn(params, batch, key)``
+  if given, else ``vmap`` of ``task_loss_fn`` over the tasks' slices, task ``i`` with the
+  ``i``-th key of ``jax.random.split(key, N)``."""
+  if grouped_losses_fn is not None:
+    return grouped_losses_fn(params, batch, key)
+  keys = jax.random.split(key, jax.tree_util.tree_leaves(batch)[0].shape[0])
+  return jax.vmap(task_loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
 
 
 def _task_mask(aux: Any) -> Optional[Array]:

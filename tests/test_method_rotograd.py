@@ -230,9 +230,9 @@ def test_image_run_with_rotograd(tmp_path, monkeypatch, gin_config, image_folder
   gin_config(files, base)
   exp = image_experiment.ImageClassificationExperiment()
   assert exp.rotograd and exp.model.rotograd and exp.model.num_tasks == 2
-  tx, mode, builder = loop.build_transform(exp, None, "grouped", None, None)
-  assert mode == "lean"
-  prog = loop.build_program(exp, tx, mode, builder, seed=0, mesh_shape=None)
+  transform = loop.build_transform(exp, None, "grouped", None, None)
+  assert transform.mode == "lean" and not transform.needs_val
+  prog = loop.build_program(exp, transform, seed=0, mesh_shape=None)
   state = prog.state
   for step in range(2):
     state, metrics = prog.step_fn(state, loop.step_batch(exp, prog, step))
@@ -248,6 +248,6 @@ def test_image_run_with_rotograd(tmp_path, monkeypatch, gin_config, image_folder
   assert len(ev["task_accuracy"]) == 2
   # Jacobian mode (vmap of task_loss over tasks) cannot see the other tasks: one clear error,
   # when the step is traced.
-  jac_step = ldro_train.make_train_step(exp.task_loss, tx, mode="jacobian")
+  jac_step = ldro_train.make_train_step(exp.task_loss, transform.tx, mode="jacobian")
   with pytest.raises(ValueError, match="RotoGrad .* use lean mode"):
     jax.eval_shape(jac_step, state, exp.train_batch(0))

@@ -12,7 +12,7 @@ function below; the entry point is :mod:`experiments.train`.
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import gin
 import jax
@@ -83,17 +83,22 @@ def needs_validation(weighting, exp: experiment_lib.Experiment) -> bool:
   return True
 
 
-def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_strategy: str,
-                    chunk_size: Optional[int], baseline_losses) -> tuple[Any, str, Callable]:
-  """``(tx, mode, step_builder)``: the gin-chosen method and optimizer, and the step for them.
+class Transform(NamedTuple):
+  """The gin-chosen method and optimizer, and how to build their step."""
+  tx: optax.GradientTransformation
+  mode: str
+  step_builder: Callable  # param shardings -> step(state, batch)
+  needs_val: bool = False  # the step takes {'train', 'val'} batches
 
-  ``step_builder.needs_val`` says whether the step takes ``{'train', 'val'}`` batches.
-  """
+
+def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_strategy: str,
+                    chunk_size: Optional[int], baseline_losses) -> Transform:
+  """The gin-chosen method and optimizer, and the step for them."""
   n = exp.num_tasks
   if mode == PLAIN:
     tx = optax.chain(*configurables.optimizer())
-    return tx, mode, lambda ps: ldro_train.make_plain_step(exp.plain_loss, tx, n,
-                                                           param_shardings=ps)
+    return Transform(tx, mode, lambda ps: ldro_train.make_plain_step(exp.plain_loss, tx, n,
+                                                                     param_shardings=ps))
   mode = method_mode(configurables.method_name(), mode)
   weighting = configurables.method(num_tasks=n, task_sizes=exp.task_sizes,
                                    baseline_losses=baseline_losses)
@@ -106,22 +111,22 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
         param_shardings=ps,
         losses_fn=exp.grouped_losses if (mode == "lean" or needs_val) else None,
         reuse_refresh_grads=exp.reuse_refresh_grads, val_grads=needs_val)
-  builder.needs_val = needs_val
-  return tx, mode, builder
+  return Transform(tx, mode, builder, needs_val)
 
 
-def build_program(exp: experiment_lib.Experiment, tx, mode: str, step_builder, seed: int,
+def build_program(exp: experiment_lib.Experiment, transform: Transform, seed: int,
                   mesh_shape: Optional[Sequence[int]]) -> Program:
   """Initial state on the mesh and the jitted, donating step."""
+  tx = transform.tx
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   mesh = sharding.make_mesh(mesh_shape)
   state = ldro_train.init_train_state(exp.init_params(init_rng), tx, train_rng)
   shardings = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, shardings)
-  step_fn = jax.jit(step_builder(shardings.params), in_shardings=(shardings, None),
+  step_fn = jax.jit(transform.step_builder(shardings.params), in_shardings=(shardings, None),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  return Program(tx, mode, mesh, state, shardings, step_fn,
-                 needs_val=getattr(step_builder, "needs_val", False))
+  return Program(tx, transform.mode, mesh, state, shardings, step_fn,
+                 needs_val=transform.needs_val)
 
 
 def step_batch(exp: experiment_lib.Experiment, prog: Program, step: int) -> Any:
@@ -287,9 +292,9 @@ def train_and_evaluate(
     workdir_lib.unlock(lock)
     raise
   exp = experiment
-  tx, mode, step_builder = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses)
-  prog = build_program(exp, tx, mode, step_builder, seed, mesh_shape)
-  host_input.check(exp, prog.mesh, task_grouped=mode != PLAIN)  # per-host batch must divide
+  transform = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses)
+  prog = build_program(exp, transform, seed, mesh_shape)
+  host_input.check(exp, prog.mesh, task_grouped=prog.mode != PLAIN)  # per-host batch must divide
   mngr = checkpoints.manager(workdir, keep_checkpoints)
   writer = None
   stop = interrupts.StopOnSignal()  # Ctrl-C / SIGTERM: stop at the next step boundary
