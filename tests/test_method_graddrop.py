@@ -32,7 +32,7 @@ def test_matches_numpy_with_the_same_uniform_draws(leak):
   grads = {"a": jnp.asarray(rng.normal(size=(n, 4, 5)), jnp.float32),
            "b": jnp.asarray(rng.normal(size=(n, 7)), jnp.float32)}
   key = jax.random.key(4)
-  tx = ldro.graddrop(n, leak=leak)
+  tx = ldro.graddrop(n, leak=leak, reduction="sum")
   params = jax.tree.map(lambda g: g[0], grads)
   out, state = jax.jit(lambda g, s: tx.update(g, s, params, key=key))(grads, tx.init(params))
   uniforms = ldro.sign_dropout.graddrop_uniforms(key, grads)
@@ -50,7 +50,7 @@ def test_agreeing_signs_give_the_sum():
   g[2, 3] = 0.0
   grads = {"w": jnp.asarray(g, jnp.float32)}
   params = {"w": jnp.zeros(10)}
-  step = jax.jit(lambda g, s, k: ldro.graddrop(4).update(g, s, params, key=k))
+  step = jax.jit(lambda g, s, k: ldro.graddrop(4, reduction="sum").update(g, s, params, key=k))
   for t in range(3):
     out, state = step(grads, ldro.graddrop(4).init(params), jax.random.key(t))
     np.testing.assert_allclose(out["w"], g.sum(0), rtol=1e-6)
@@ -69,7 +69,7 @@ def test_positive_sign_kept_with_probability_purity():
 
 
 def test_lean_mode_is_refused_with_a_clear_error():
-  tx = ldro.graddrop(2)
+  tx = ldro.graddrop(2, reduction="sum")
   params = {"w": jnp.ones(3)}
   losses_fn = lambda p: jnp.stack([jnp.sum(p["w"]), jnp.sum(p["w"] ** 2)])
   losses, vjp = jax.vjp(losses_fn, params)
@@ -87,7 +87,7 @@ def test_mean_reduction_mask_and_validation():
   g = jnp.asarray(rng.normal(size=(3, 8)), jnp.float32)
   params = {"w": jnp.zeros(8)}
   key = jax.random.key(1)
-  s_sum, s_mean = ldro.graddrop(3), ldro.graddrop(3, reduction="mean")
+  s_sum, s_mean = ldro.graddrop(3, reduction="sum"), ldro.graddrop(3)  # default: mean
   u_sum, st_sum = s_sum.update({"w": g}, s_sum.init(params), params, key=key)
   u_mean, st_mean = s_mean.update({"w": g}, s_mean.init(params), params, key=key)
   np.testing.assert_allclose(u_mean["w"], u_sum["w"] / 3, rtol=1e-6)
