@@ -1,20 +1,31 @@
-r"""Table of Spurious-CIFAR runs (issue 14): final, Val-GP and No-GP test accuracies, the gate.
+r"""Tables of Spurious-CIFAR runs (issue 14): per run, and per method over seeds with claims.
+
+Per run (final, Val-GP and No-GP test accuracies) and the validity gate::
 
     python -m experiments.worst_group_image_report results/worst_group/image/A/erm_seed0 \
         results/worst_group/image/A/group_dro_seed0 [--gate ERM_DIR GDRO_DIR]
 
-Each argument is a run directory holding ``metrics.jsonl`` (a runner workdir or its copy
-under ``results/``). Selection over the evaluations after step 0 (one per epoch):
-Val-GP = the best validation worst-group accuracy, No-GP = the best validation pooled average
-(ties: the earliest). Test "avg" is the group-balanced average (= pooled on the balanced test
-set), "worst" the worst-group accuracy; "flip" the share of test predictions that change when
-the cue is swapped.
+Per method over seeds, from a ``worst_group_image_methods`` sweep root (``<root>/<run>/seed<k>``,
+runs ``pre-<method>`` and ``scratch-<method>``), with the paper's claims read by the paired
+rule of :func:`experiments.regime_report.paired_verdict`::
+
+    python -m experiments.worst_group_image_report --methods_root=results/worst_group/image/A/methods \
+        --out=results/worst_group/image/A
+
+Each run directory holds ``metrics.jsonl`` (a runner workdir or its copy under ``results/``).
+Selection over the evaluations after step 0 (one per epoch): Val-GP = the best validation
+worst-group accuracy, No-GP = the best validation pooled average (ties: the earliest). Test
+"avg" is the group-balanced average (= pooled on the balanced test set), "worst" the
+worst-group accuracy; "flip" the share of test predictions that change when the cue is swapped.
 """
 
 import json
+import math
 import os
 import sys
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 
 def read(run_dir: str) -> list[dict]:
@@ -30,9 +41,13 @@ def select(records: list[dict], key: str) -> dict:
 
 
 def summary(run_dir: str) -> dict:
-  recs = read(run_dir)
+  return summarize(read(run_dir), run_dir.rstrip("/").split("/")[-1])
+
+
+def summarize(recs: Sequence[dict], name: str = "") -> dict:
+  """Final, Val-GP and No-GP test metrics of one run's evaluation records."""
   last = recs[-1]
-  out = {"run": run_dir.rstrip("/").split("/")[-1], "steps": last["step"]}
+  out = {"run": name, "steps": last["step"]}
   for name, rec in (("final", last), ("val_gp", select(recs, "val_worst_accuracy")),
                     ("no_gp", select(recs, "val_average_accuracy"))):
     out[name] = {"step": rec["step"], "avg": 100 * rec["avg_accuracy"],
@@ -69,8 +84,171 @@ def gate(erm_dir: str, gdro_dir: str) -> tuple[bool, str]:
   return ok, "\n".join(lines + [f"gate: {'PASSED' if ok else 'NOT PASSED'}"])
 
 
+# ---------------------------------------------------------------- per method, over seeds
+
+METHODS = ("erm", "jtt", "group_dro", "mtl", "l1_only", "aux_only")
+LABELS = {"erm": "ERM", "jtt": "JTT", "group_dro": "group DRO", "mtl": "reg. MTL (+aux+l1)",
+          "l1_only": "+l1 only", "aux_only": "+aux only"}
+REGIMES = ("pre", "scratch")
+SELECTIONS = ("val_gp", "no_gp", "final")
+#: The claims of the spec's section 5 that these runs test: (text, regime, selection, metric,
+#: A, B, rule) with rule '>' (A beats B: paired verdict) or '~' (A and B within noise).
+CLAIMS = tuple(
+    [(f"reg. MTL beats ERM in WGA, pre-trained, {sel} (claim 5)", "pre", sel, "worst", "mtl",
+      "erm", ">") for sel in ("val_gp", "no_gp")]
+    + [(f"reg. MTL beats JTT in WGA, pre-trained, {sel} (claims 4-5)", "pre", sel, "worst",
+        "mtl", "jtt", ">") for sel in ("val_gp", "no_gp")]
+    + [("reg. MTL's average >= ERM's, pre-trained, no_gp (claim 5)", "pre", "no_gp", "avg",
+        "mtl", "erm", ">=")]
+    + [(f"{LABELS[m]} alone beats ERM in WGA, pre-trained, no_gp (claim 6: only +aux+l1 "
+        "should)", "pre", "no_gp", "worst", m, "erm", ">") for m in ("l1_only", "aux_only")]
+    + [("group DRO has the highest WGA under Val-GP: beats reg. MTL (claim 4)", "pre", "val_gp",
+        "worst", "group_dro", "mtl", ">")]
+    + [("from scratch, reg. MTL ~ ERM in WGA, no_gp (claim 7)", "scratch", "no_gp", "worst",
+        "mtl", "erm", "~"),
+       ("from scratch, JTT beats reg. MTL in WGA, no_gp (claim 7)", "scratch", "no_gp", "worst",
+        "jtt", "mtl", ">"),
+       ("pre-training helps reg. MTL's WGA, no_gp (pre - scratch; claim 7's flip side)",
+        "pre|scratch", "no_gp", "worst", "mtl", "mtl", ">"),
+       ("reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, variant A)", "pre",
+        "final", "flip", "erm", "mtl", ">")])
+
+
+def _verdict(diffs, rule):
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  verdict, mean, se = regime_report.paired_verdict(diffs)
+  if rule == "~" and verdict in ("holds", "does not hold"):
+    verdict = "does not hold"
+  elif rule == "~" and verdict == "within noise":
+    verdict = "holds"
+  elif rule == ">=" and verdict == "within noise":
+    verdict = "holds (within noise)"
+  return verdict, mean, se
+
+
+def methods_report(root: str) -> dict:
+  """Per (regime, method, seed) the selected test metrics; per (regime, method) mean and std
+  over seeds; the claims with paired verdicts (seeds pair runs with the same data and cue)."""
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  cells = {}  # (regime, method) -> seed -> summary
+  unfinished = []
+  for run in regime_report.load_runs(root):
+    regime, _, method = run["run"].partition("-")
+    if regime not in REGIMES or method not in METHODS:
+      continue  # e.g. JTT's stage 1
+    if not run["done"] or not run["records"]:
+      unfinished.append(f"{run['run']}/seed{run['seed']}")
+      continue
+    cells.setdefault((regime, method), {})[run["seed"]] = summarize(run["records"], run["run"])
+  rows = []
+  for regime in REGIMES:
+    for method in METHODS:
+      per_seed = cells.get((regime, method), {})
+      row = {"regime": regime, "method": method, "label": LABELS[method],
+             "seeds": sorted(per_seed)}
+      for sel in SELECTIONS:
+        for metric in ("avg", "worst", "flip"):
+          vals = np.array([per_seed[k][sel][metric] for k in sorted(per_seed)], np.float64)
+          row[f"{sel}_{metric}"] = [float(vals.mean()) if vals.size else math.nan,
+                                    float(vals.std(ddof=1)) if vals.size > 1 else math.nan]
+      rows.append(row)
+  claims = []
+  for text, regime, sel, metric, a, b, rule in CLAIMS:
+    ra, rb = regime.split("|") if "|" in regime else (regime, regime)
+    sa, sb = cells.get((ra, a), {}), cells.get((rb, b), {})
+    seeds = sorted(set(sa) & set(sb))
+    diffs = [sa[k][sel][metric] - sb[k][sel][metric] for k in seeds]
+    verdict, mean, se = _verdict(diffs, rule)
+    claims.append({"claim": text, "verdict": verdict, "mean": mean, "se": se,
+                   "seeds": seeds})
+  return {"root": root, "rows": rows, "claims": claims, "unfinished": unfinished}
+
+
+def _pm(mean_std) -> str:
+  m, s = mean_std
+  if math.isnan(m):
+    return "-"
+  return f"{m:.1f}" + ("" if math.isnan(s) else f" ± {s:.1f}")
+
+
+def methods_markdown(report: dict) -> str:
+  lines = ["Test accuracy % (group-balanced average / worst group), mean ± std over seeds; "
+           "flip % = test predictions that change when the cue is swapped.", "",
+           "| regime | method | seeds | Val-GP avg | Val-GP worst | No-GP avg | No-GP worst "
+           "| final avg | final worst | final flip % |", "|---|---|---|" + "---|" * 7]
+  for r in report["rows"]:
+    if not r["seeds"]:
+      continue
+    lines.append(f"| {'pre-trained' if r['regime'] == 'pre' else 'from scratch'} | "
+                 f"{r['label']} | {','.join(map(str, r['seeds']))} | "
+                 + " | ".join(_pm(r[f"{sel}_{m}"]) for sel in SELECTIONS
+                              for m in ("avg", "worst")) + f" | {_pm(r['final_flip'])} |")
+  lines += ["", "Claims (paired over seeds: holds if mean > 2 s.e., does not hold if "
+            "< -2 s.e., else within noise; '~' claims hold when within noise):", "",
+            "| claim | verdict | mean diff (points) | s.e. | seeds |", "|---|---|---|---|---|"]
+  for c in report["claims"]:
+    mean = "-" if math.isnan(c["mean"]) else f"{c['mean']:+.1f}"
+    se = "-" if math.isnan(c["se"]) else f"{c['se']:.1f}"
+    lines.append(f"| {c['claim']} | {c['verdict']} | {mean} | {se} | "
+                 f"{','.join(map(str, c['seeds'])) or '-'} |")
+  if report["unfinished"]:
+    lines += ["", "Unfinished (not counted): " + ", ".join(report["unfinished"])]
+  return "\n".join(lines) + "\n"
+
+
+def plot_methods(report: dict, path: str) -> None:
+  """Average vs worst-group accuracy per method, Val-GP and No-GP panels, error bars over
+  seeds; filled markers pre-trained, open from scratch."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+  colours = dict(zip(METHODS, plt.get_cmap("tab10").colors))
+  for ax, sel in zip(axes, ("val_gp", "no_gp")):
+    for r in report["rows"]:
+      if not r["seeds"]:
+        continue
+      (xa, xs), (ya, ys) = r[f"{sel}_avg"], r[f"{sel}_worst"]
+      pre = r["regime"] == "pre"
+      ax.errorbar(xa, ya, xerr=0 if math.isnan(xs) else xs, yerr=0 if math.isnan(ys) else ys,
+                  fmt="o" if pre else "s", mfc=colours[r["method"]] if pre else "none",
+                  color=colours[r["method"]], capsize=3,
+                  label=f"{r['label']} ({'pre' if pre else 'scratch'}, n={len(r['seeds'])})")
+    ax.set_title({"val_gp": "Val-GP (best val worst group)",
+                  "no_gp": "No-GP (best val average)"}[sel])
+    ax.set_xlabel("test average accuracy (%)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test worst-group accuracy (%)")
+  axes[1].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_methods(root: str, out: str, figure: bool = True) -> dict:
+  """``methods.md``, ``methods.json`` (and ``methods.png``) under ``out``."""
+  report = methods_report(root)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "methods.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(out, "methods.md"), "w", encoding="utf-8") as f:
+    f.write(methods_markdown(report))
+  if figure:
+    plot_methods(report, os.path.join(out, "methods.png"))
+  return report
+
+
 def main(argv) -> Optional[int]:
   args = argv[1:]
+  opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith("--") and "=" in a}
+  if "--methods_root" in opts:
+    root = opts["--methods_root"]
+    if not os.path.isdir(root):
+      print(f"error: --methods_root: directory not found: {root!r}", file=sys.stderr)
+      return 1
+    report = write_methods(root, opts.get("--out", root))
+    print(methods_markdown(report))
+    return 0
   gate_dirs = None
   if "--gate" in args:
     i = args.index("--gate")

@@ -1,0 +1,27 @@
+#!/bin/bash
+# Copies the small files of the pre-training run and of every finished run (DONE) of the
+# Spurious-CIFAR methods sweep from workdirs/ into results/worst_group/image/ (no checkpoints,
+# logs or TensorBoard events), then regenerates the methods report. Commit with:
+#   git add results/worst_group/image && git commit -m '...' -- results/worst_group/image
+set -eu
+cd "$(dirname "$0")/../../.."
+W=workdirs/worst_group_image
+R=results/worst_group/image
+FILES="metrics.jsonl run.json command.txt config.gin run_config.json wall_clock.json DONE"
+if [ -f $W/pretrain/metrics.jsonl ]; then
+  mkdir -p $R/pretrain
+  for f in $FILES; do [ -f $W/pretrain/$f ] && cp $W/pretrain/$f $R/pretrain/; done
+fi
+n=0
+for variant in A B; do
+  for done in $W/$variant/methods/*/seed*/DONE; do
+    [ -f "$done" ] || continue
+    d=$(dirname "$done"); rel=${d#$W/$variant/methods/}
+    mkdir -p $R/$variant/methods/$rel
+    for f in $FILES; do [ -f $d/$f ] && cp $d/$f $R/$variant/methods/$rel/; done
+    n=$((n + 1))
+  done
+  [ -d $R/$variant/methods ] && python -m experiments.worst_group_image_report \
+      --methods_root=$R/$variant/methods --out=$R/$variant > /dev/null
+done
+echo "$n finished runs in $R/*/methods"

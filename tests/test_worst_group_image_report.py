@@ -1,0 +1,65 @@
+"""The Spurious-CIFAR methods report: selection, per-method statistics and paired claims."""
+
+import json
+import math
+
+import pytest
+
+from experiments import worst_group_image_report as report_lib
+
+
+def _record(step, worst, avg, val_worst, val_avg, flip):
+  return {"step": step, "avg_accuracy": avg, "worst_accuracy": worst,
+          "task_accuracy": [worst, avg, avg, avg], "test_worst_group": "vehicle/green",
+          "flip_rate": flip, "val_worst_accuracy": val_worst, "val_average_accuracy": val_avg}
+
+
+def _write(root, run, seed, records, done=True):
+  d = root / run / f"seed{seed}"
+  d.mkdir(parents=True)
+  (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (d / "run.json").write_text(json.dumps({"run": run, "method": run.split("-", 1)[1],
+                                          "seed": seed}))
+  if done:
+    (d / "DONE").write_text("cmd\n")
+
+
+def test_methods_report_selects_and_pairs_seeds(tmp_path):
+  # Two evaluations after step 0: Val-GP picks the first (best val worst), No-GP the second.
+  for seed, (e, m) in enumerate([(0.50, 0.60), (0.40, 0.56), (0.45, 0.52)]):
+    _write(tmp_path, "pre-erm", seed, [_record(0, 0, 0.5, 0, 0.5, 0.5),
+                                       _record(75, e + 0.1, 0.8, 0.9, 0.8, 0.4),
+                                       _record(150, e, 0.85, 0.5, 0.9, 0.3)])
+    _write(tmp_path, "pre-mtl", seed, [_record(0, 0, 0.5, 0, 0.5, 0.5),
+                                       _record(75, m + 0.1, 0.8, 0.9, 0.8, 0.2),
+                                       _record(150, m, 0.86, 0.5, 0.9, 0.1)])
+  _write(tmp_path, "pre-jtt_stage1", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5)])  # not a method row
+  _write(tmp_path, "pre-jtt", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5)], done=False)
+  rep = report_lib.write_methods(str(tmp_path), str(tmp_path / "out"), figure=False)
+  rows = {(r["regime"], r["method"]): r for r in rep["rows"]}
+  erm = rows[("pre", "erm")]
+  assert erm["seeds"] == [0, 1, 2]
+  assert erm["no_gp_worst"][0] == pytest.approx(100 * (0.50 + 0.40 + 0.45) / 3)
+  assert erm["val_gp_worst"][0] == pytest.approx(100 * (0.60 + 0.50 + 0.55) / 3)
+  assert erm["no_gp_worst"][1] == pytest.approx(5.0)  # std of 50, 40, 45
+  assert erm["final_flip"][0] == pytest.approx(30.0)
+  claims = {c["claim"]: c for c in rep["claims"]}
+  # MTL - ERM worst, No-GP: +10, +16, +7 -> mean 11, se = std / sqrt(3).
+  c = claims["reg. MTL beats ERM in WGA, pre-trained, no_gp (claim 5)"]
+  assert c["mean"] == pytest.approx(11.0) and c["verdict"] == "holds" and c["seeds"] == [0, 1, 2]
+  c = claims["reg. MTL's average >= ERM's, pre-trained, no_gp (claim 5)"]
+  assert c["mean"] == pytest.approx(1.0) and c["verdict"] == "holds"
+  c = claims["reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, variant A)"]
+  assert c["mean"] == pytest.approx(20.0)
+  # No JTT finished: no data, and the unfinished run is listed, never silently dropped.
+  assert claims["reg. MTL beats JTT in WGA, pre-trained, no_gp (claims 4-5)"]["verdict"] == "no data"
+  assert rep["unfinished"] == ["pre-jtt/seed0"]
+  md = (tmp_path / "out" / "methods.md").read_text()
+  assert "| pre-trained | ERM | 0,1,2 | 80.0 ± 0.0 | 55.0 ± 5.0 | 85.0 ± 0.0 | 45.0 ± 5.0 |" in md
+  assert "Unfinished (not counted): pre-jtt/seed0" in md
+  assert math.isnan(rows[("scratch", "erm")]["no_gp_worst"][0])
+
+
+def test_methods_report_missing_root(tmp_path, capsys):
+  assert report_lib.main(["x", f"--methods_root={tmp_path / 'none'}"]) == 1
+  assert "--methods_root: directory not found" in capsys.readouterr().err
