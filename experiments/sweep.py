@@ -287,7 +287,8 @@ def worst_group_methods_grid(pretrained: bool = True) -> list[Run]:
   from scratch (``scratch-*``, the Tables 5/6 control): ERM, regularized MTL (alpha_aux =
   alpha_reg = e^-1, the paper's Waterbirds choice), its +l1 and +aux ablations, group DRO
   (eta 0.1), JTT (stage 1: T = 2 epochs of ERM; stage 2: lambda_up = 20, after it in the
-  order): 7 runs."""
+  order); beyond the paper, L-DRO over groups (its defaults) and regularized MTL + L-DRO (the
+  MTL terms in every group's loss): 9 runs."""
   d = "gin_configs/worst_group_image"
   prefix = "pre" if pretrained else "scratch"
   extra = (f"{d}/pretrained.gin",) if pretrained else ()
@@ -297,6 +298,9 @@ def worst_group_methods_grid(pretrained: bool = True) -> list[Run]:
   runs.append(Run(f"{prefix}-jtt", (f"{d}/jtt.gin",) + extra,
                   pre + (f"JTT_STAGE1_WORKDIR = '{{root}}/{prefix}-jtt_stage1/seed{{seed}}'",),
                   "jtt"))
+  mtl = ("ALPHA_AUX = 0.36787944117144233", "ALPHA_REG = 0.36787944117144233")
+  runs.append(Run(f"{prefix}-ldro", (f"{d}/ldro.gin",) + extra, pre, "ldro"))
+  runs.append(Run(f"{prefix}-mtl_ldro", (f"{d}/ldro.gin",) + extra, pre + mtl, "mtl_ldro"))
   return runs
 
 
@@ -329,7 +333,7 @@ SWEEPS: dict[str, Callable[[], list[Run]]] = {
     # Spurious-CIFAR (issue 14): regularized MTL grid, ablations, group DRO eta: 16 runs.
     "worst_group_image": worst_group_image_grid,
     # Spurious-CIFAR, the paper's methods at their defaults, pre-trained then from scratch
-    # (run pretrain.gin first): 14 runs per seed.
+    # (run pretrain.gin first): 18 runs per seed.
     "worst_group_image_methods": lambda: (worst_group_methods_grid(True)
                                           + worst_group_methods_grid(False)),
     # The 2-D proof of concept (section 4), handy for smoke tests: 3 runs.

@@ -86,9 +86,10 @@ def gate(erm_dir: str, gdro_dir: str) -> tuple[bool, str]:
 
 # ---------------------------------------------------------------- per method, over seeds
 
-METHODS = ("erm", "jtt", "group_dro", "mtl", "l1_only", "aux_only")
+METHODS = ("erm", "jtt", "group_dro", "mtl", "l1_only", "aux_only", "ldro", "mtl_ldro")
 LABELS = {"erm": "ERM", "jtt": "JTT", "group_dro": "group DRO", "mtl": "reg. MTL (+aux+l1)",
-          "l1_only": "+l1 only", "aux_only": "+aux only"}
+          "l1_only": "+l1 only", "aux_only": "+aux only", "ldro": "L-DRO over groups",
+          "mtl_ldro": "reg. MTL + L-DRO"}
 REGIMES = ("pre", "scratch")
 SELECTIONS = ("val_gp", "no_gp", "final")
 #: The claims of the spec's section 5 that these runs test: (text, regime, selection, metric,
@@ -111,7 +112,12 @@ CLAIMS = tuple(
        ("pre-training helps reg. MTL's WGA, no_gp (pre - scratch; claim 7's flip side)",
         "pre|scratch", "no_gp", "worst", "mtl", "mtl", ">"),
        ("reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, variant A)", "pre",
-        "final", "flip", "erm", "mtl", ">")])
+        "final", "flip", "erm", "mtl", ">"),
+       # Beyond the paper: L-DRO over groups.
+       ("L-DRO over groups beats group DRO in WGA, pre-trained, no_gp (beyond the paper)",
+        "pre", "no_gp", "worst", "ldro", "group_dro", ">"),
+       ("reg. MTL + L-DRO beats reg. MTL in WGA, pre-trained, no_gp (beyond the paper)", "pre",
+        "no_gp", "worst", "mtl_ldro", "mtl", ">")])
 
 
 def _verdict(diffs, rule):

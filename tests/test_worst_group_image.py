@@ -251,8 +251,8 @@ def test_pretrain_then_fine_tune_from_it(tmp_path, gin_config, tiny_data):
 def test_methods_sweep_wires_pretraining_and_jtt_stages():
   from experiments import sweep  # pylint: disable=g-import-not-at-top
   runs = {r.name: r for r in sweep.sweep_runs("worst_group_image_methods")}
-  assert len(runs) == 14 and all(f"{p}-{m}" in runs for p in ("pre", "scratch") for m in (
-      "erm", "mtl", "l1_only", "aux_only", "group_dro", "jtt_stage1", "jtt"))
+  assert len(runs) == 18 and all(f"{p}-{m}" in runs for p in ("pre", "scratch") for m in (
+      "erm", "mtl", "l1_only", "aux_only", "group_dro", "jtt_stage1", "jtt", "ldro", "mtl_ldro"))
   names = list(runs)
   assert names.index("pre-jtt_stage1") < names.index("pre-jtt")  # stage 1 runs first
   cmd = sweep.run_command(runs["pre-jtt"], 3, "/r/pre-jtt/seed3")
