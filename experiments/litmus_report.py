@@ -46,8 +46,10 @@ def _label(run: str) -> str:
     if name in architectures:
       out.append(architectures[name])
       continue
+    base, _, variant = name.partition("-")  # e.g. 'mgda-norm_none': MGDA, one setting
     try:
-      out.append(ldro.method_info(name).label)
+      out.append(ldro.method_info(base).label + (f" ({variant.replace('_', ' ')})"
+                                                 if variant else ""))
     except ValueError:
       out.append(p)
   label = " + ".join(out)

@@ -228,6 +228,10 @@ def litmus_grid(core_only: bool = False) -> list[Run]:
   runs = [by_name["static"], by_name["ldro-eta1e-3-lam1e-2"], by_name["dro-eta1e-2"],
           by_name["pcgrad"]]
   runs += [_litmus_run(m) for m in LITMUS_LOSS + LITMUS_GRADIENT]
+  # MGDA's loss+ normalisation divides each gradient by its loss and norm: its coefficients
+  # then sum to ~0.05 here (equal weighting: 1), a 20x smaller step under SGD. Without the
+  # normalisation its coefficients are on the simplex, the step on equal weighting's scale.
+  runs.append(_litmus_run("mgda", ("MGDA_NORMALIZATION = 'none'",), "mgda-norm_none"))
   if core_only:
     return runs
   runs += [_litmus_run(m, ("method.loss_weighting = 'rlw'",), f"rlw+{m}") for m in LITMUS_TABLE4]
@@ -324,8 +328,8 @@ SWEEPS: dict[str, Callable[[], list[Run]]] = {
     "cifar10_hard_task": lambda: regime_grid([HARD_TASK_FILE]),
     # Ablations in the regime: T = 10 / 1000, no renormalisation at 1000, larger CNNs: 14 runs.
     "cifar10_regime_ablations": _regime_ablations,
-    # The random-weighting litmus test (issue 13) on the regime setting: 18 runs, then with
-    # the Table-4 grid (gradient methods + RLW): 25 runs.
+    # The random-weighting litmus test (issue 13) on the regime setting: 19 runs, then with
+    # the Table-4 grid (gradient methods + RLW): 26 runs.
     "litmus_core": lambda: litmus_grid(core_only=True),
     "litmus": litmus_grid,
     # Multilingual LM, Table 1's main rows with 2 rows per language and 1,800 steps (issue 15).

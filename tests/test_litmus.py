@@ -28,6 +28,8 @@ def test_grid_covers_every_method_of_the_rlw_paper():
       assert os.path.exists(f), f
   moml = next(r for r in core if r.name == "moml")
   assert any("val_per_task" in b for b in moml.bindings)
+  assert litmus_report._label("mgda-norm_none") == "MGDA (norm none)"
+  assert "MGDA_NORMALIZATION = 'none'" in next(r for r in core if r.name == "mgda-norm_none").bindings
   combo = next(r for r in full if r.name == "rlw+cagrad")
   assert "method.loss_weighting = 'rlw'" in combo.bindings
 
