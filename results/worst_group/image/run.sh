@@ -1,8 +1,8 @@
 #!/bin/bash
-# Spurious-CIFAR (issue 14), variant A: the auxiliary task's pre-training (once), then every
-# method of the worst-group paper at its default configuration, pre-trained and from scratch,
-# seed 0 first, then seeds 1-4. Niced; resumable (finished runs are skipped, unfinished ones
-# resume from their last checkpoint).
+# Spurious-CIFAR (issue 14): the auxiliary task's pre-training (once), then every method of the
+# worst-group paper at its default configuration, pre-trained and from scratch: variant A seed
+# 0, variant B's ERM and MTL at seed 0, variant A seeds 1-4, then variant B. Niced; resumable
+# (finished runs are skipped, unfinished ones resume from their last checkpoint).
 #   bash results/worst_group/image/run.sh start   # in the background (log: workdirs/worst_group_image/lane.log)
 #   bash results/worst_group/image/run.sh stop
 #   bash results/worst_group/image/sync.sh        # copy finished runs into results/, regenerate the tables
@@ -14,9 +14,12 @@ mkdir -p $W
 lane() {
   nice -n 19 python -m experiments.train --gin_file=gin_configs/worst_group_image/pretrain.gin \
       --workdir=$W/pretrain || exit 1
-  S="nice -n 19 python -m experiments.sweep --sweep=worst_group_image_methods --root=$W/A/methods"
-  $S --seeds=0
-  $S --seeds=1,2,3,4
+  S="nice -n 19 python -m experiments.sweep --sweep=worst_group_image_methods"
+  $S --root=$W/A/methods --seeds=0
+  # variant B (the high-variance cue, claim 10), pre-trained ERM and regularized MTL, seed 0
+  $S --root=$W/B/methods --seeds=0 --only='^pre-(erm|mtl)$' --bindings="VARIANT = 'B'"
+  $S --root=$W/A/methods --seeds=1,2,3,4
+  $S --root=$W/B/methods --seeds=0,1,2,3,4 --bindings="VARIANT = 'B'"
 }
 
 case "${1:-start}" in
