@@ -434,8 +434,9 @@ def plot(report: dict, path: str) -> None:
     ax.set_title(f"Fig. 4: eta {s[0]}, lambda {s[1]}", fontsize=10)
   ax = axes[-1]
   rows = report["renormalisation"]
-  for metric in styles:
-    points(ax, list(range(len(rows))), [r["cell"] for r in rows], metric, 1.0)
+  for k in range(0, len(rows), 2):  # one (on, off) pair per setting: lines join a pair only
+    for metric in styles:
+      points(ax, [k, k + 1][:len(rows) - k], [r["cell"] for r in rows[k:k + 2]], metric, 1.0)
   band(ax)
   ax.set_xticks(range(len(rows)), [f"eta {r['eta']}\n{'on' if r['renormalise'] else 'off'}"
                                    for r in rows])
