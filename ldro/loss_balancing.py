@@ -330,14 +330,15 @@ def imtl_l(num_tasks: int, lr: float | Array = 0.025,
 def imtl(num_tasks: int, lr: float | Array = 0.025) -> optax.GradientTransformationExtraArgs:
   """IMTL (Liu et al., ICLR 2021): IMTL-L's loss scales followed by IMTL-G.
 
-  ``ldro.combine(imtl_l(N, lr, reduction='sum'), imtl_g(N))``: with
-  ``lambda = e^s`` the gradients of the scaled losses are ``lambda_i g_i``,
+  ``ldro.combine(imtl_l(N, lr), imtl_g(N))`` (``combine`` rescales IMTL-L's
+  ``e^s / N`` to ``lambda = e^s``): the gradients of the scaled losses are
+  ``lambda_i g_i``,
   IMTL-G's ``alpha`` (``sum_i alpha_i = 1``) is computed on their Gram matrix
   ``lambda_i lambda_j G_ij``, and the update is
   ``sum_i alpha_i lambda_i g_i`` (coefficients ``c = lambda * alpha``), as in
   LibMTL ``LibMTL/weighting/IMTL.py`` (the IMTL paper's Algorithm 1). The
-  ``'sum'`` reduction makes the first step (``s = 0``) IMTL-G's own update
-  (``alpha`` sums to 1, the scale of the library's weightings). The method
+  first step (``s = 0``) is IMTL-G's own update (``alpha`` sums to 1, the
+  scale of the library's weightings). The method
   state is a :class:`ldro.weighting.CombinedState` (``loss_state`` holds
   IMTL-L's ``log_scales``).
 
@@ -350,8 +351,7 @@ def imtl(num_tasks: int, lr: float | Array = 0.025) -> optax.GradientTransformat
     (Jacobian mode, and lean mode with a Gram source).
   """
   from ldro import gradient_balancing  # pylint: disable=g-import-not-at-top
-  tx = weighting.combine(imtl_l(num_tasks, lr=lr, reduction="sum"),
-                         gradient_balancing.imtl_g(num_tasks))
+  tx = weighting.combine(imtl_l(num_tasks, lr=lr), gradient_balancing.imtl_g(num_tasks))
   return weighting.task_weighting(dataclasses.replace(tx.rule, name="imtl"), num_tasks)
 
 

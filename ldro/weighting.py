@@ -639,7 +639,7 @@ class CombinedState(NamedTuple):
     loss_weights: ``[N]`` the loss weighting's last weights ``lambda``.
     loss_state: the loss weighting's own state.
     gradient_coefficients: ``[N]`` the gradient method's last coefficients
-      ``c'`` on the weighted task gradients ``lambda_i g_i``.
+      ``c'`` on the weighted task gradients ``N lambda_i g_i``.
     gradient_state: the gradient method's own state.
   """
   loss_weights: Array
@@ -651,11 +651,17 @@ class CombinedState(NamedTuple):
 def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> TaskWeighting:
   """A loss weighting followed by a gradient method (RLW paper, Table 4).
 
-  The loss weighting chooses ``lambda`` from the step's statistics; the
-  gradient method then balances the gradients of the weighted losses,
-  ``lambda_i g_i``, whose Gram matrix is ``lambda_i lambda_j G_ij``: with its
-  coefficients ``c'`` the update is ``sum_i c'_i lambda_i g_i``, so the
-  combined coefficients are ``c = lambda * c'``. E.g. RLW + CAGrad::
+  The loss weighting chooses ``lambda`` from the step's statistics (on the
+  library's mean-loss scale: equal weights are ``1/N``); the gradient method
+  then balances the gradients of the weighted losses rescaled to mean one,
+  ``l_i g_i`` with ``l = N lambda``, whose Gram matrix is ``l_i l_j G_ij``:
+  with its coefficients ``c'`` the update is ``sum_i c'_i l_i g_i``, so the
+  combined coefficients are ``c = N lambda * c'``. The factor ``N`` makes
+  ``combine(equal_weighting(N), m)`` the method ``m`` itself, and keeps every
+  combination on the gradient method's own update scale (without it, two
+  simplex weightings multiply to a step ``N`` times smaller than either
+  alone, which under SGD is a learning rate ``N`` times smaller). E.g. RLW +
+  CAGrad::
 
     tx = ldro.combine(ldro.random_loss_weighting(5), ldro.cagrad(5))
 
@@ -691,27 +697,28 @@ def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> Tas
     # Independent randomness for the two parts (e.g. RLW's draw and PCGrad's orders).
     keys = (None, None) if stats.key is None else (jax.random.fold_in(stats.key, 0),
                                                     jax.random.fold_in(stats.key, 1))
-    lam, ls = lw.coefficients(stats._replace(weights=state.loss_weights, gram=None, key=keys[0]),
+    raw, ls = lw.coefficients(stats._replace(weights=state.loss_weights, gram=None, key=keys[0]),
                               state.loss_state)
-    lam = jnp.asarray(lam, jnp.float32)
+    raw = jnp.asarray(raw, jnp.float32)
+    lam = raw * raw.shape[0]  # mean one: equal loss weights leave the gradient method alone
     inner = stats._replace(
         weights=state.gradient_coefficients, key=keys[1],
         losses=None if stats.losses is None else lam * stats.losses,
         gram=None if stats.gram is None else stats.gram * lam[:, None] * lam[None, :],
         val_dots=None if stats.val_dots is None else lam * stats.val_dots)
-    return lam, ls, inner
+    return raw, lam, ls, inner
 
   def coefficients(stats: TaskStats, state: CombinedState):
-    lam, ls, inner = split(stats, state)
+    raw, lam, ls, inner = split(stats, state)
     c, gs = gm.coefficients(inner, state.gradient_state)
-    return lam * c, CombinedState(lam, ls, jnp.asarray(c, jnp.float32), gs)
+    return lam * c, CombinedState(raw, ls, jnp.asarray(c, jnp.float32), gs)
 
   def aggregate(task_grads, stats: TaskStats, state: CombinedState):
-    lam, ls, inner = split(stats, state)
+    raw, lam, ls, inner = split(stats, state)
     scaled = jax.tree_util.tree_map(
         lambda g: g * lam.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1)), task_grads)
     out, c, gs = gm.aggregate(scaled, inner, state.gradient_state)
-    return out, lam * c, CombinedState(lam, ls, jnp.asarray(c, jnp.float32), gs)
+    return out, lam * c, CombinedState(raw, ls, jnp.asarray(c, jnp.float32), gs)
 
   rule = Rule(
       name=name,

@@ -35,7 +35,8 @@ def test_static_mixing_then_pcgrad_is_pcgrad_on_weighted_gradients():
   # The gradient part draws its projection orders from fold_in(key, 1).
   k = jax.random.fold_in(key, 1)
   perms = np.asarray(jax.vmap(lambda kk: jax.random.permutation(kk, 3))(jax.random.split(k, 3)))
-  np.testing.assert_allclose(upd["w"], pcgrad_numpy(lam[:, None] * G, perms), rtol=1e-5)
+  # The loss weights are rescaled to mean one (N lambda) before the gradient method.
+  np.testing.assert_allclose(upd["w"], pcgrad_numpy(3 * lam[:, None] * G, perms), rtol=1e-5)
   # The reported coefficients give the update on the unweighted gradients.
   np.testing.assert_allclose(np.asarray(ldro.task_weights(state)) @ G, upd["w"], rtol=1e-5)
   np.testing.assert_allclose(state.method_state.loss_weights, lam, rtol=1e-6)
@@ -58,7 +59,7 @@ def test_rlw_then_ldro_in_lean_mode_matches_jacobian_mode():
     theta = optax.apply_updates(theta, jax.tree.map(lambda u: -0.1 * u, u_jac))
   w = ldro.task_weights(s_jac)
   lam = s_jac.method_state.loss_weights
-  np.testing.assert_allclose(w, lam * s_jac.method_state.gradient_coefficients, rtol=1e-6)
+  np.testing.assert_allclose(w, 3 * lam * s_jac.method_state.gradient_coefficients, rtol=1e-6)
 
 
 def test_combination_errors_name_the_problem():
@@ -80,3 +81,14 @@ def test_one_gin_binding_combines():
   assert state.method_state.loss_weights.shape == (3,)
   with pytest.raises(ValueError, match=r"unknown method 'rlww' in the config \(method.loss_weighting"):
     configurables.method(num_tasks=3, name="pcgrad", loss_weighting="rlww")
+
+
+def test_equal_loss_weights_leave_the_gradient_method_alone():
+  # combine rescales the loss weights to mean one: with equal weights it is the method itself.
+  g = {"w": jnp.asarray(G, jnp.float32)}
+  for gm in (lambda: ldro.cagrad(3), lambda: ldro.mgda(3)):
+    alone, combined = gm(), ldro.combine(ldro.equal_weighting(3), gm())
+    u1, s1 = alone.update(g, alone.init(None), None, task_losses=LOSSES)
+    u2, s2 = combined.update(g, combined.init(None), None, task_losses=LOSSES)
+    np.testing.assert_allclose(u2["w"], u1["w"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ldro.task_weights(s2), ldro.task_weights(s1), rtol=1e-5)

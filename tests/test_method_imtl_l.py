@@ -72,7 +72,7 @@ def test_imtl_is_imtl_g_on_the_scaled_gradients():
     s = s - lr * (np.exp(s) * losses_seq[t] - 1.0)
   ms = state.method_state
   np.testing.assert_allclose(ms.loss_state.log_scales, s, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(ldro.task_weights(state), ms.loss_weights * ms.gradient_coefficients,
+  np.testing.assert_allclose(ldro.task_weights(state), 3 * ms.loss_weights * ms.gradient_coefficients,
                              rtol=1e-6)
   # At s = 0 (first step) IMTL is IMTL-G itself.
   np.testing.assert_allclose(outs[0], imtl_g_paper(J) @ J, rtol=1e-4, atol=1e-5)
