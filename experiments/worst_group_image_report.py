@@ -208,7 +208,7 @@ def plot_methods(report: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), sharey=True)
   colours = dict(zip(METHODS, plt.get_cmap("tab10").colors))
   for ax, sel in zip(axes, ("val_gp", "no_gp")):
     for r in report["rows"]:
@@ -225,8 +225,9 @@ def plot_methods(report: dict, path: str) -> None:
     ax.set_xlabel("test average accuracy (%)")
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("test worst-group accuracy (%)")
-  axes[1].legend(fontsize=7, loc="best")
-  fig.tight_layout()
+  handles, labels = axes[1].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+  fig.tight_layout(rect=(0, 0.14, 1, 1))
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
