@@ -59,6 +59,7 @@ from flax import linen as nn
 
 from experiments.families import base as experiment_lib
 from experiments.runner import paths
+from experiments.runner import workdir as workdir_lib
 from ldro import worst_group
 from ldro.data import images as images_lib
 from ldro.data import spurious
@@ -166,8 +167,8 @@ def restore_params(workdir: str, setting: str = "WorstGroupImageExperiment.jtt_s
 
 
 def _recorded_bindings(workdir: str) -> dict:
-  """The gin bindings a runner workdir was made with (``run_config.json``; {} if absent)."""
-  path = os.path.join(workdir, "run_config.json")
+  """The gin bindings a runner workdir was made with (its fingerprint file; {} if absent)."""
+  path = os.path.join(workdir, workdir_lib.FINGERPRINT_FILE)
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
