@@ -18,7 +18,13 @@ an out-of-memory kill then only ends that run). Per run directory:
 * ``wall_clock.json``: the run's wall-clock seconds, summed over attempts;
 * ``DONE``: written after success, holding the command. Runs with ``DONE``
   are skipped; runs without it are (re)started with the same command and
-  the runner resumes from its last checkpoint (``keep_checkpoints=1``).
+  the runner resumes from its last checkpoint (``keep_checkpoints=1``);
+* ``.claim``: an exclusive ``flock`` the sweep process holds while its run
+  trains (the training process itself locks ``.lock``, see
+  :mod:`experiments.runner.workdir`). Several sweep processes may work through
+  the same sweep side by side (e.g. one per core): each skips the runs another
+  has claimed and takes the next free one. The kernel drops the lock when its
+  holder exits, so a crashed lane blocks nothing.
 
 ``--in_process`` trains in the sweep's own process instead (``gin.clear_config``
 between runs; relative paths in the configs, such as the CIFAR-10 ``DATA_DIR``,
@@ -33,6 +39,7 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   _cpu_runtime.configure_process("experiments.sweep")
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -390,6 +397,18 @@ def _status(workdir: str) -> str:
   return "pending"
 
 
+def _claim(workdir: str):
+  """Opens and exclusively ``flock``s ``<workdir>/.claim``; the open file, or None if another
+  sweep process holds it (the run is training in that sweep)."""
+  f = open(os.path.join(workdir, ".claim"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.close()
+    return None
+  return f
+
+
 def _last_record(workdir: str) -> Optional[dict]:
   records = metrics_io.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   return records[-1] if records else None
@@ -435,8 +454,9 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
 
   Returns:
     ``{'<name>/seed<k>': status}`` with status ``'done'`` (finished now),
-    ``'skipped'`` (finished before), ``'failed'``, or in a dry run the
-    current ``'done'``/``'partial'``/``'pending'``.
+    ``'skipped'`` (finished before), ``'failed'``, ``'running'`` (held by
+    another sweep process, see ``.claim`` above), or in a dry run the current
+    ``'done'``/``'partial'``/``'pending'``.
   """
   selected = [r for r in runs if only is None or re.search(only, r.name)]
   if not selected:
@@ -451,68 +471,92 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     cmd_str = shlex.join(cmd)
     head = f"[{i}/{len(jobs)}] {key}"
     status = _status(workdir)
-    if dry_run:
-      say(f"{head}: {status}{_summary(_last_record(workdir))}\n    {cmd_str}")
-      results[key] = status
-      continue
-    if status == "done":
-      with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
-        same = f.read().strip() == cmd_str
-      say(f"{head}: skipped (DONE){'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
-          f"{_summary(_last_record(workdir))}")
-      results[key] = "skipped"
-      continue
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
-      f.write(cmd_str + "\n")
-    with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
-      json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
-                 "bindings": run_bindings(run, seed, extra_bindings, _root_of(os.path.abspath(
-                     workdir)))} | _code_version(), f, indent=2)
-    say(f"{head}: {'resuming' if status == 'partial' else 'starting'}")
-    t0 = time.time()
-    error = None
-    if in_process:
-      try:
-        _train_in_process(run, seed, workdir, extra_bindings)
-      except Exception as e:  # pylint: disable=broad-except
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    else:
-      with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log:
-        log.write(f"$ {cmd_str}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=paths.repo_root(), stdout=log, stderr=subprocess.STDOUT)
-        try:
-          proc.wait()
-        except KeyboardInterrupt:  # SIGINT, or SIGTERM (main's handler): let the run save its
-          # checkpoint and exit (it got the signal too when the whole process group was
-          # signalled; a second SIGTERM would make it skip the checkpoint), count this
-          # attempt's wall-clock, then stop. A run that did not get the signal gets it later.
-          try:
-            proc.wait(timeout=300)
-          except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            try:
-              proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-              proc.kill()
-          _add_wall_clock(workdir, time.time() - t0, False)
-          say(f"{head}: interrupted after {time.time() - t0:.0f}s")
-          raise
-      if proc.returncode != 0:
-        error = f"exit status {proc.returncode}; " + _last_error_line(
-            os.path.join(workdir, "train.log"))
-    took = time.time() - t0
-    _add_wall_clock(workdir, took, error is None)
-    if error is None:
-      with open(os.path.join(workdir, "DONE"), "w", encoding="utf-8") as f:
-        f.write(cmd_str + "\n")
-      say(f"{head}: done in {took:.0f}s{_summary(_last_record(workdir))}")
-      results[key] = "done"
-    else:
-      say(f"{head}: FAILED after {took:.0f}s: {error}")
-      results[key] = "failed"
+    claim = None
+    if status != "done" and os.path.isdir(workdir):
+      claim = _claim(workdir)
+      if claim is None:
+        say(f"{head}: running in another sweep process; skipped{_summary(_last_record(workdir))}")
+        results[key] = "running"
+        continue
+      status = _status(workdir)  # the other process may have finished it meanwhile
+    try:
+      if dry_run:
+        say(f"{head}: {status}{_summary(_last_record(workdir))}\n    {cmd_str}")
+        results[key] = status
+        continue
+      if status == "done":
+        with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
+          same = f.read().strip() == cmd_str
+        say(f"{head}: skipped (DONE){'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
+            f"{_summary(_last_record(workdir))}")
+        results[key] = "skipped"
+        continue
+      if claim is None:
+        os.makedirs(workdir, exist_ok=True)
+        claim = _claim(workdir)
+        if claim is None:
+          say(f"{head}: running in another sweep process; skipped")
+          results[key] = "running"
+          continue
+      results[key] = _run_one(run, seed, workdir, cmd_str, head, in_process, extra_bindings, say)
+    finally:
+      if claim is not None:
+        claim.close()  # releases the flock
   return results
+
+
+def _run_one(run: Run, seed: int, workdir: str, cmd_str: str, head: str, in_process: bool,
+             extra_bindings: Sequence[str], say: Callable[[str], None]) -> str:
+  """Trains one run (claimed by the caller); returns ``'done'`` or ``'failed'``."""
+  with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
+    f.write(cmd_str + "\n")
+  with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
+    json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
+               "bindings": run_bindings(run, seed, extra_bindings, _root_of(os.path.abspath(
+                   workdir)))} | _code_version(), f, indent=2)
+  say(f"{head}: {'resuming' if _status(workdir) == 'partial' else 'starting'}")
+  t0 = time.time()
+  error = None
+  if in_process:
+    try:
+      _train_in_process(run, seed, workdir, extra_bindings)
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+  else:
+    with open(os.path.join(workdir, "train.log"), "a", encoding="utf-8") as log:
+      log.write(f"$ {cmd_str}\n")
+      log.flush()
+      proc = subprocess.Popen(shlex.split(cmd_str), cwd=paths.repo_root(), stdout=log,
+                              stderr=subprocess.STDOUT)
+      try:
+        proc.wait()
+      except KeyboardInterrupt:  # SIGINT, or SIGTERM (main's handler): let the run save its
+        # checkpoint and exit (it got the signal too when the whole process group was
+        # signalled; a second SIGTERM would make it skip the checkpoint), count this
+        # attempt's wall-clock, then stop. A run that did not get the signal gets it later.
+        try:
+          proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+          proc.send_signal(signal.SIGTERM)
+          try:
+            proc.wait(timeout=120)
+          except subprocess.TimeoutExpired:
+            proc.kill()
+        _add_wall_clock(workdir, time.time() - t0, False)
+        say(f"{head}: interrupted after {time.time() - t0:.0f}s")
+        raise
+    if proc.returncode != 0:
+      error = f"exit status {proc.returncode}; " + _last_error_line(
+          os.path.join(workdir, "train.log"))
+  took = time.time() - t0
+  _add_wall_clock(workdir, took, error is None)
+  if error is not None:
+    say(f"{head}: FAILED after {took:.0f}s: {error}")
+    return "failed"
+  with open(os.path.join(workdir, "DONE"), "w", encoding="utf-8") as f:
+    f.write(cmd_str + "\n")
+  say(f"{head}: done in {took:.0f}s{_summary(_last_record(workdir))}")
+  return "done"
 
 
 def _code_version() -> dict:

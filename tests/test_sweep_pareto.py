@@ -84,6 +84,23 @@ def test_sweep_only_filter_and_dry_run(tmp_path):
   assert sum(n.startswith("dro-") for n in names) == 5
 
 
+def test_sweep_skips_a_run_another_process_holds(tmp_path):
+  """Side-by-side sweep processes: a run whose lock is held is skipped, not trained twice."""
+  root = str(tmp_path / "root")
+  wd = os.path.join(root, "avg", "seed0")
+  os.makedirs(wd)
+  held = sweep._claim(wd)  # pylint: disable=protected-access
+  assert held is not None and sweep._claim(wd) is None  # pylint: disable=protected-access
+  lines = []
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", in_process=True,
+                        extra_bindings=STEPS, say=lines.append)
+  assert res == {"avg/seed0": "running"} and "another sweep process" in lines[0]
+  assert os.listdir(wd) == [".claim"]  # nothing trained or written
+  held.close()
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", dry_run=True, say=lines.append)
+  assert res == {"avg/seed0": "pending"}  # free again once the holder lets go
+
+
 def test_sweep_command_line_runs_a_subprocess(tmp_path):
   root = tmp_path / "root"
   cmd = [sys.executable, "-m", "experiments.sweep", "--sweep=synthetic", f"--root={root}",

@@ -6,6 +6,8 @@
 #
 #   bash results/cifar10_regime/run.sh start    # start the lanes in the background (running ones are left alone)
 #   bash results/cifar10_regime/run.sh start a l  # only lanes a and l (l: the litmus test, issue 13)
+#   bash results/cifar10_regime/run.sh start l l2 l3  # three lanes through the same list (l*): each
+#                                               # run is claimed by one (experiments/sweep.py, .claim)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
 #   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
 #   bash results/cifar10_regime/sync.sh         # copy finished runs into results/ (then commit)
@@ -41,6 +43,7 @@ lane_l() {  # the random-weighting litmus test (issue 13): every method on this 
   $S --sweep=litmus_core --root=$W/litmus --seeds=0
   $S --sweep=litmus --root=$W/litmus --seeds=0
   $S --sweep=litmus --root=$W/litmus --seeds=1,2
+  lane_a  # then the regime study's list
 }
 lane_c() {  # seed 1 of both core grids (lanes a and b take seeds 0 and 2)
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=1
@@ -62,10 +65,11 @@ case "${1:-start}" in
   _lane_a) lane_a ;;
   _lane_b) lane_b ;;
   _lane_c) lane_c ;;
-  _lane_l) lane_l ;;
+  _lane_l*) lane_l ;;  # l, l2, l3, ...: side by side on lane l's list (a run trains in one of them)
   stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
          # exits, the sweep records the attempt's wall-clock; waits until they are gone.
-    for lane in a b c l; do
+    for pidf in $W/lane_*.pid; do
+      lane=${pidf#$W/lane_}; lane=${lane%.pid}
       if [ -f $W/lane_$lane.pid ]; then
         pg=$(cat $W/lane_$lane.pid)
         kill -TERM -- -"$pg" 2>/dev/null && echo "lane $lane: stopping (process group $pg)"
