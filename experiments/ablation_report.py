@@ -282,8 +282,7 @@ def _pm(c: dict, metric: str) -> str:
     return "not run yet"
   if c["status"] == "unfinished":
     return "unfinished"
-  mean, std = 100 * c[f"{metric}_mean"], 100 * c[f"{metric}_std"]
-  return f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}") + f" (n={c['n']})"
+  return regime_report.pm(c[f"{metric}_mean"], c[f"{metric}_std"], 100, 2) + f" (n={c['n']})"
 
 
 def _pct(x: Optional[float]) -> str:

@@ -152,9 +152,7 @@ def _at_least(verdict: str) -> str:
 
 
 def _pm(mean: float, std: float, scale: float = 100.0) -> str:
-  if math.isnan(mean):
-    return "-"
-  return f"{scale * mean:.2f}" + ("" if math.isnan(std) else f" ± {scale * std:.2f}")
+  return regime_report.pm(mean, std, scale, 2)
 
 
 def markdown(report: dict) -> str:

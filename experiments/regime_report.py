@@ -296,6 +296,23 @@ def plateau_stats(records: Sequence[dict], window: int = 4) -> Optional[dict]:
   return {"steps": [recs[-2 * window]["step"], recs[-1]["step"]], "tasks": tasks}
 
 
+def pm(mean: float, spread: float, scale: float = 1.0, digits: int = 2) -> str:
+  """``'m ± s'`` for the reports' tables: ``'m'`` alone when ``spread`` is NaN (one seed),
+  ``'-'`` when ``mean`` is NaN (nothing finished); both multiplied by ``scale``."""
+  if math.isnan(mean):
+    return "-"
+  return f"{scale * mean:.{digits}f}" + ("" if math.isnan(spread) else
+                                          f" ± {scale * spread:.{digits}f}")
+
+
+def _mean_se(values, scale: float = 1.0, digits: int = 2) -> str:
+  """Mean ± standard error of ``values`` (the mean alone for one value)."""
+  v = np.asarray(list(values), np.float64)
+  if v.size == 0:
+    return "n/a"
+  return pm(v.mean(), v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else math.nan, scale, digits)
+
+
 def _fmt(x, scale=100.0, digits=2):
   return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else \
       f"{scale * x:.{digits}f}"
@@ -310,12 +327,7 @@ def markdown(report: dict) -> str:
            "|---|---|---|---|---|---|---|"]
 
   def mse(d, scale=1.0, digits=4):
-    v = np.array(list(d.values()), np.float64)
-    if v.size == 0:
-      return "n/a"
-    if v.size == 1:
-      return f"{scale * v[0]:.{digits}f}"
-    return f"{scale * v.mean():.{digits}f} ± {scale * v.std(ddof=1) / math.sqrt(v.size):.{digits}f}"
+    return _mean_se(d.values(), scale, digits)
 
   for m, s in report["methods"].items():
     per = " / ".join(f"{s['hypervolume_per_seed'][str(k)]:.4f}" if str(k) in
@@ -357,9 +369,7 @@ def markdown(report: dict) -> str:
               "|---|---|" + "---|" * (n + 2 + (2 if report.get("hard_task") is not None else 0))]
 
     def ms(v):
-      v = 100 * np.asarray(v, np.float64)
-      return f"{v.mean():.1f}" if v.size < 2 else \
-          f"{v.mean():.1f} ± {v.std(ddof=1) / math.sqrt(v.size):.1f}"
+      return _mean_se(v, 100, 1)
 
     for run, per in tails.items():
       vals = list(per.values())

@@ -29,9 +29,13 @@ import numpy as np
 
 
 def read(run_dir: str) -> list[dict]:
+  """A run's evaluation records (:func:`experiments.runner.metrics_io.read_metrics`)."""
+  from experiments.runner import metrics_io  # pylint: disable=g-import-not-at-top
   path = os.path.join(run_dir, "metrics.jsonl")
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(l) for l in f if l.strip()]
+  records = metrics_io.read_metrics(path)
+  if not records:
+    raise FileNotFoundError(f"no evaluation records in {path}")
+  return records
 
 
 def select(records: list[dict], key: str) -> dict:
@@ -171,10 +175,8 @@ def methods_report(root: str) -> dict:
 
 
 def _pm(mean_std) -> str:
-  m, s = mean_std
-  if math.isnan(m):
-    return "-"
-  return f"{m:.1f}" + ("" if math.isnan(s) else f" ± {s:.1f}")
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  return regime_report.pm(*mean_std, 1.0, 1)
 
 
 def methods_markdown(report: dict) -> str:
