@@ -382,10 +382,12 @@ def _root_of(workdir: str) -> str:
 
 def run_command(run: Run, seed: int, workdir: str, extra: Sequence[str] = ()) -> list[str]:
   """The ``python -m experiments.train`` command line of ``run`` at ``seed``."""
-  cmd = [sys.executable, "-m", "experiments.train"]
-  cmd += [f"--gin_file={f}" for f in run.gin_files]
-  cmd += [f"--gin_bindings={b}" for b in run_bindings(run, seed, extra, _root_of(workdir))]
-  return cmd + [f"--workdir={workdir}"]
+  return _command(run.gin_files, run_bindings(run, seed, extra, _root_of(workdir)), workdir)
+
+
+def _command(gin_files: Sequence[str], bindings: Sequence[str], workdir: str) -> list[str]:
+  return ([sys.executable, "-m", "experiments.train"] + [f"--gin_file={f}" for f in gin_files] +
+          [f"--gin_bindings={b}" for b in bindings] + [f"--workdir={workdir}"])
 
 
 def _status(workdir: str) -> str:
@@ -424,13 +426,13 @@ def _summary(rec: Optional[dict]) -> str:
   return f" | step {rec['step']} avg {m} {rec[f'avg_{m}']:.4f} worst {m} {rec[f'worst_{m}']:.4f}"
 
 
-def _train_in_process(run: Run, seed: int, workdir: str, extra: Sequence[str]) -> None:
+def _train_in_process(run: Run, workdir: str, bindings: Sequence[str]) -> None:
   import gin  # pylint: disable=g-import-not-at-top
   from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
   from experiments.runner import loop  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    train_lib.parse_gin(run.gin_files, run_bindings(run, seed, extra, _root_of(workdir)))
+    train_lib.parse_gin(run.gin_files, bindings)
     loop.train_and_evaluate(workdir, quiet=True)
   finally:
     gin.clear_config()
@@ -467,8 +469,8 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
   for i, (run, seed) in enumerate(jobs, 1):
     key = f"{run.name}/seed{seed}"
     workdir = os.path.join(root, run.name, f"seed{seed}")
-    cmd = run_command(run, seed, os.path.abspath(workdir), extra_bindings)
-    cmd_str = shlex.join(cmd)
+    bindings = run_bindings(run, seed, extra_bindings, root=os.path.abspath(root))
+    cmd_str = shlex.join(_command(run.gin_files, bindings, os.path.abspath(workdir)))
     head = f"[{i}/{len(jobs)}] {key}"
     status = _status(workdir)
     claim = None
@@ -498,28 +500,27 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
           say(f"{head}: running in another sweep process; skipped")
           results[key] = "running"
           continue
-      results[key] = _run_one(run, seed, workdir, cmd_str, head, in_process, extra_bindings, say)
+      results[key] = _run_one(run, seed, workdir, bindings, cmd_str, head, in_process, say)
     finally:
       if claim is not None:
         claim.close()  # releases the flock
   return results
 
 
-def _run_one(run: Run, seed: int, workdir: str, cmd_str: str, head: str, in_process: bool,
-             extra_bindings: Sequence[str], say: Callable[[str], None]) -> str:
+def _run_one(run: Run, seed: int, workdir: str, bindings: Sequence[str], cmd_str: str, head: str,
+             in_process: bool, say: Callable[[str], None]) -> str:
   """Trains one run (claimed by the caller); returns ``'done'`` or ``'failed'``."""
   with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
     f.write(cmd_str + "\n")
   with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
     json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
-               "bindings": run_bindings(run, seed, extra_bindings, _root_of(os.path.abspath(
-                   workdir)))} | _code_version(), f, indent=2)
+               "bindings": list(bindings)} | _code_version(), f, indent=2)
   say(f"{head}: {'resuming' if _status(workdir) == 'partial' else 'starting'}")
   t0 = time.time()
   error = None
   if in_process:
     try:
-      _train_in_process(run, seed, workdir, extra_bindings)
+      _train_in_process(run, workdir, bindings)
     except Exception as e:  # pylint: disable=broad-except
       error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
   else:
