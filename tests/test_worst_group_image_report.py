@@ -45,8 +45,11 @@ def test_methods_report_selects_and_pairs_seeds(tmp_path):
   assert erm["final_flip"][0] == pytest.approx(30.0)
   claims = {c["claim"]: c for c in rep["claims"]}
   # MTL - ERM worst, No-GP: +10, +16, +7 -> mean 11, se = std / sqrt(3).
-  c = claims["reg. MTL beats ERM in WGA, pre-trained, no_gp (claim 5)"]
+  c = claims["reg. MTL beats ERM in WGA, pre-trained, no_gp (claims 5, 8: by about 2 points)"]
   assert c["mean"] == pytest.approx(11.0) and c["verdict"] == "holds" and c["seeds"] == [0, 1, 2]
+  # Claim 8 pairs two selections of one run: ERM's Val-GP - No-GP worst is +10 at every seed.
+  c = [c for k, c in claims.items() if k.startswith("group labels for model selection lift ERM")][0]
+  assert c["mean"] == pytest.approx(10.0) and c["seeds"] == [0, 1, 2]
   c = claims["reg. MTL's average >= ERM's, pre-trained, no_gp (claim 5)"]
   assert c["mean"] == pytest.approx(1.0) and c["verdict"] == "holds"
   c = claims["reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, variant A)"]
