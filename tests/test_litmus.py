@@ -77,6 +77,9 @@ def test_sweep_of_a_sample_then_the_report(tmp_path, image_folder):
   assert cagrad["ew"] is None and cagrad["rlw"] is rows["rlw+cagrad"]
   verdicts = {c["claim"].split(" ")[0]: c["verdict"] for c in report["claims"]}
   assert verdicts["RLW"] in ("holds", "does not hold")  # RLW >= EW: a verdict from 2 seeds
+  best = max(("moml", "rlw+cagrad"), key=lambda n: rows[n]["avg_mean"])  # not EW, RLW, RGW
+  assert any(f"best method by average accuracy ({rows[best]['label']})" in c["claim"]
+             for c in report["claims"])
   out = tmp_path / "out"
   litmus_report.write_outputs(str(root), str(out))
   md = (out / "report.md").read_text()
