@@ -76,11 +76,15 @@ class Run:
       for the sweep's root and the run's seed (e.g. JTT's stage 2 names its stage-1 run
       ``'{root}/jtt_stage1/seed{seed}'``).
     method: method label for grouping in the Pareto analysis.
+    after: runs of the same sweep whose run at the same seed must be finished (``DONE``)
+      before this one starts (e.g. JTT's stage 2 after its stage 1); until then the sweep
+      skips it as ``'waiting'`` (one lane reaches them in order; side-by-side lanes may not).
   """
   name: str
   gin_files: tuple[str, ...]
   bindings: tuple[str, ...] = ()
   method: str = ""
+  after: tuple[str, ...] = ()
 
   @property
   def label(self) -> str:
@@ -308,7 +312,7 @@ def worst_group_methods_grid(pretrained: bool = True) -> list[Run]:
           for m in ("erm", "mtl", "l1_only", "aux_only", "group_dro", "jtt_stage1")]
   runs.append(Run(f"{prefix}-jtt", (f"{d}/jtt.gin",) + extra,
                   pre + (f"JTT_STAGE1_WORKDIR = '{{root}}/{prefix}-jtt_stage1/seed{{seed}}'",),
-                  "jtt"))
+                  "jtt", after=(f"{prefix}-jtt_stage1",)))
   mtl = ("ALPHA_AUX = 0.36787944117144233", "ALPHA_REG = 0.36787944117144233")
   runs.append(Run(f"{prefix}-ldro", (f"{d}/ldro.gin",) + extra, pre, "ldro"))
   runs.append(Run(f"{prefix}-mtl_ldro", (f"{d}/ldro.gin",) + extra, pre + mtl, "mtl_ldro"))
@@ -457,7 +461,8 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
   Returns:
     ``{'<name>/seed<k>': status}`` with status ``'done'`` (finished now),
     ``'skipped'`` (finished before), ``'failed'``, ``'running'`` (held by
-    another sweep process, see ``.claim`` above), or in a dry run the current
+    another sweep process, see ``.claim`` above), ``'waiting'`` (a run of its
+    ``Run.after`` is not finished), or in a dry run the current
     ``'done'``/``'partial'``/``'pending'``.
   """
   selected = [r for r in runs if only is None or re.search(only, r.name)]
@@ -492,6 +497,12 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
         say(f"{head}: skipped (DONE){'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
             f"{_summary(_last_record(workdir))}")
         results[key] = "skipped"
+        continue
+      waiting = [f"{a}/seed{seed}" for a in run.after
+                 if _status(os.path.join(root, a, f"seed{seed}")) != "done"]
+      if waiting:
+        say(f"{head}: waiting for {', '.join(waiting)} to finish; skipped (re-run the sweep)")
+        results[key] = "waiting"
         continue
       if claim is None:
         os.makedirs(workdir, exist_ok=True)

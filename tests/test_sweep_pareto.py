@@ -99,6 +99,11 @@ def test_sweep_skips_a_run_another_process_holds(tmp_path):
   held.close()
   res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", dry_run=True, say=lines.append)
   assert res == {"avg/seed0": "pending"}  # free again once the holder lets go
+  # A run that needs another one finished first waits for it (e.g. JTT's stage 2).
+  second = sweep.Run("second", RUNS[0].gin_files, after=("avg",))
+  res = sweep.run_sweep([second], root, seeds=(0,), in_process=True, say=lines.append)
+  assert res == {"second/seed0": "waiting"} and "waiting for avg/seed0" in lines[-1]
+  assert not os.path.exists(os.path.join(root, "second"))
 
 
 def test_sweep_command_line_runs_a_subprocess(tmp_path):

@@ -4,16 +4,20 @@
 # 0, variant B's ERM and MTL at seed 0, variant A seeds 1-4, then variant B. Niced; resumable
 # (finished runs are skipped, unfinished ones resume from their last checkpoint).
 #   bash results/worst_group/image/run.sh start   # in the background (log: workdirs/worst_group_image/lane.log)
-#   bash results/worst_group/image/run.sh stop
+#   bash results/worst_group/image/run.sh start w2 w3  # more lanes through the same list, side by
+#                                                  # side (each run is claimed by one: experiments/sweep.py)
+#   bash results/worst_group/image/run.sh stop     # every lane
 #   bash results/worst_group/image/sync.sh        # copy finished runs into results/, regenerate the tables
 set -u
 cd "$(dirname "$0")/../../.."
 W=workdirs/worst_group_image
 mkdir -p $W
 
-lane() {
-  nice -n 19 python -m experiments.train --gin_file=gin_configs/worst_group_image/pretrain.gin \
-      --workdir=$W/pretrain || exit 1
+lane() {  # $1: the lane's name; lane w pre-trains, the others need its finished checkpoint
+  if [ "$1" = w ]; then
+    nice -n 19 python -m experiments.train --gin_file=gin_configs/worst_group_image/pretrain.gin \
+        --workdir=$W/pretrain || exit 1
+  fi
   S="nice -n 19 python -m experiments.sweep --sweep=worst_group_image_methods"
   $S --root=$W/A/methods --seeds=0
   # variant B (the high-variance cue, claim 10), pre-trained ERM and regularized MTL, seed 0
@@ -23,20 +27,26 @@ lane() {
 }
 
 case "${1:-start}" in
-  start)
-    if [ -f $W/lane.pid ] && kill -0 -- -"$(cat $W/lane.pid)" 2>/dev/null; then
-      echo "already running (process group $(cat $W/lane.pid))"; exit 0
-    fi
-    setsid nohup bash "$0" _lane >> $W/lane.log 2>&1 < /dev/null &
-    echo $! > $W/lane.pid
-    echo "started (process group $!, log $W/lane.log)" ;;
-  _lane) lane ;;
-  stop)  # SIGTERM: the running training saves a checkpoint and exits
-    if [ -f $W/lane.pid ]; then
-      pg=$(cat $W/lane.pid)
+  start)  # lanes to start: w (the default) and/or others named w2, w3, ...
+    shift; lanes=${*:-w}
+    for name in $lanes; do
+      pidf=$W/lane.pid; log=$W/lane.log
+      [ "$name" = w ] || { pidf=$W/lane_$name.pid; log=$W/lane_$name.log; }
+      if [ -f $pidf ] && kill -0 -- -"$(cat $pidf)" 2>/dev/null; then
+        echo "lane $name already running (process group $(cat $pidf))"; continue
+      fi
+      setsid nohup bash "$0" _lane $name >> $log 2>&1 < /dev/null &
+      echo $! > $pidf
+      echo "lane $name started (process group $!, log $log)"
+    done ;;
+  _lane) lane "$2" ;;
+  stop)  # SIGTERM: the running trainings save a checkpoint and exit
+    for pidf in $W/lane.pid $W/lane_*.pid; do
+      [ -f $pidf ] || continue
+      pg=$(cat $pidf)
       kill -TERM -- -"$pg" 2>/dev/null && echo "stopping (process group $pg)"
       for _ in $(seq 300); do kill -0 -- -"$pg" 2>/dev/null || break; sleep 1; done
-      rm -f $W/lane.pid
-    fi ;;
-  *) echo "usage: $0 start|stop"; exit 2 ;;
+      rm -f $pidf
+    done ;;
+  *) echo "usage: $0 start [lanes]|stop"; exit 2 ;;
 esac
