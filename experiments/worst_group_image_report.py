@@ -12,6 +12,12 @@ rule of :func:`experiments.regime_report.paired_verdict`::
     python -m experiments.worst_group_image_report --methods_root=results/worst_group/image/A/methods \
         --out=results/worst_group/image/A
 
+The one-seed grid (``worst_group_image`` sweep: the ERM lr check and claim 9's sensitivity to
+alpha_aux and alpha_reg)::
+
+    python -m experiments.worst_group_image_report --grid_root=results/worst_group/image/A/grid \
+        --out=results/worst_group/image/A
+
 Each run directory holds ``metrics.jsonl`` (a runner workdir or its copy under ``results/``).
 Selection over the evaluations after step 0 (one per epoch): Val-GP = the best validation
 worst-group accuracy, No-GP = the best validation pooled average (ties: the earliest). Test
@@ -253,6 +259,81 @@ def write_methods(root: str, out: str, figure: bool = True) -> dict:
   return report
 
 
+# ---------------------------------------------------------------- the one-seed grid
+
+GRID_EXPS = (-1, 0, 1)  # alpha = e^k (experiments.sweep.worst_group_image_grid)
+
+
+def grid_report(root: str) -> dict:
+  """The ``worst_group_image`` sweep (one seed): every finished run's selected test metrics,
+  the ERM lr check (the lr with the best validation average, No-GP's rule) and claim 9's
+  sensitivities: over the 3 x 3 MTL grid, the range of test WGA over alpha_reg at each
+  alpha_aux, averaged over alpha_aux, against the range over alpha_aux at each alpha_reg."""
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  done, unfinished = {}, []
+  for run in regime_report.load_runs(root):
+    if run["seed"] != 0:
+      continue
+    if run["done"] and run["records"]:
+      done[run["run"]] = dict(summarize(run["records"], run["run"]), dir=run["dir"],
+                              val_avg=select(run["records"], "val_average_accuracy")[
+                                  "val_average_accuracy"])
+    else:
+      unfinished.append(run["run"])
+  lr = {k[len("erm-lr"):]: v for k, v in done.items() if k.startswith("erm-lr")}
+  out = {"root": root, "runs": done, "unfinished": unfinished,
+         "lr_check": {"runs": {k: {"val_avg": v["val_avg"], "no_gp": v["no_gp"]}
+                               for k, v in lr.items()},
+                      "best_by_val_avg": max(lr, key=lambda k: lr[k]["val_avg"]) if lr else None}}
+  sens = {}
+  for sel in ("val_gp", "no_gp"):
+    cells = {(a, r): done.get(f"mtl-aux{a}-reg{r}") for a in GRID_EXPS for r in GRID_EXPS}
+    if any(c is None for c in cells.values()):
+      continue
+    w = {k: c[sel]["worst"] for k, c in cells.items()}
+    over_reg = float(np.mean([np.ptp([w[(a, r)] for r in GRID_EXPS]) for a in GRID_EXPS]))
+    over_aux = float(np.mean([np.ptp([w[(a, r)] for a in GRID_EXPS]) for r in GRID_EXPS]))
+    sens[sel] = {"range_over_alpha_reg": over_reg, "range_over_alpha_aux": over_aux,
+                 "wga": {f"aux{a} reg{r}": v for (a, r), v in w.items()}}
+  out["claim9"] = sens
+  return out
+
+
+def grid_markdown(rep: dict) -> str:
+  lines = ["One seed (seed 0), every run fine-tuning the pre-trained encoder; test % under each "
+           "selection.", "", table([v["dir"] for v in rep["runs"].values()]), ""]
+  lc = rep["lr_check"]
+  if lc["runs"]:
+    lines.append("ERM lr check (No-GP's rule, the best validation average): " + ", ".join(
+        f"lr {k}: val avg {100 * v['val_avg']:.1f}, test {v['no_gp']['avg']:.1f} / "
+        f"{v['no_gp']['worst']:.1f}" for k, v in sorted(lc["runs"].items())) +
+                 f"; best: lr {lc['best_by_val_avg']}.")
+  for sel, c in rep["claim9"].items():
+    lines.append(f"Claim 9 ({sel}): test WGA range over alpha_reg (mean over alpha_aux) "
+                 f"{c['range_over_alpha_reg']:.1f} points, over alpha_aux (mean over alpha_reg) "
+                 f"{c['range_over_alpha_aux']:.1f}: WGA is "
+                 f"{'more' if c['range_over_alpha_reg'] > c['range_over_alpha_aux'] else 'less'}"
+                 " sensitive to alpha_reg here (one seed: no verdict).")
+  if not rep["claim9"]:
+    lines.append("Claim 9: the 3 x 3 MTL grid is not finished.")
+  if rep["unfinished"]:
+    lines.append("Unfinished (not counted): " + ", ".join(rep["unfinished"]))
+  return "\n".join(lines) + "\n"
+
+
+def write_grid(root: str, out: str) -> dict:
+  """``grid.md`` and ``grid.json`` under ``out``."""
+  rep = grid_report(root)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "grid.json"), "w", encoding="utf-8") as f:
+    json.dump({k: v for k, v in rep.items() if k != "runs"} | {
+        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "dir"} for k, v in rep["runs"].items()}},
+              f, indent=1)
+  with open(os.path.join(out, "grid.md"), "w", encoding="utf-8") as f:
+    f.write(grid_markdown(rep))
+  return rep
+
+
 def main(argv) -> Optional[int]:
   args = argv[1:]
   opts = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if a.startswith("--") and "=" in a}
@@ -263,6 +344,13 @@ def main(argv) -> Optional[int]:
       return 1
     report = write_methods(root, opts.get("--out", root))
     print(methods_markdown(report))
+    return 0
+  if "--grid_root" in opts:
+    root = opts["--grid_root"]
+    if not os.path.isdir(root):
+      print(f"error: --grid_root: directory not found: {root!r}", file=sys.stderr)
+      return 1
+    print(grid_markdown(write_grid(root, opts.get("--out", root))))
     return 0
   gate_dirs = None
   if "--gate" in args:

@@ -66,3 +66,25 @@ def test_methods_report_selects_and_pairs_seeds(tmp_path):
 def test_methods_report_missing_root(tmp_path, capsys):
   assert report_lib.main(["x", f"--methods_root={tmp_path / 'none'}"]) == 1
   assert "--methods_root: directory not found" in capsys.readouterr().err
+
+
+def test_grid_report_lr_check_and_claim9(tmp_path):
+  # MTL grid: WGA (one evaluation, so every selection picks it) = 40 + 10 * reg + aux:
+  # the range over alpha_reg is 20 at every alpha_aux, over alpha_aux 2.
+  for a in (-1, 0, 1):
+    for r in (-1, 0, 1):
+      w = (40 + 10 * r + a) / 100
+      _write(tmp_path, f"mtl-aux{a}-reg{r}", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5),
+                                                  _record(75, w, 0.8, 0.5, 0.7, 0.2)])
+  for lr, val_avg in (("0.003", 0.70), ("0.01", 0.75), ("0.03", 0.72)):
+    _write(tmp_path, f"erm-lr{lr}", 0, [_record(75, 0.3, 0.8, 0.4, val_avg, 0.3)])
+  _write(tmp_path, "group_dro-eta0.01", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5)], done=False)
+  rep = report_lib.write_grid(str(tmp_path), str(tmp_path / "out"))
+  c9 = rep["claim9"]["no_gp"]
+  assert c9["range_over_alpha_reg"] == pytest.approx(20.0)
+  assert c9["range_over_alpha_aux"] == pytest.approx(2.0)
+  assert rep["lr_check"]["best_by_val_avg"] == "0.01"
+  assert rep["unfinished"] == ["group_dro-eta0.01"]
+  md = (tmp_path / "out" / "grid.md").read_text()
+  assert "more sensitive to alpha_reg" in md and "best: lr 0.01" in md
+  assert json.loads((tmp_path / "out" / "grid.json").read_text())["claim9"]["val_gp"]

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Copies the small files of the pre-training run and of every finished run (DONE) of the
-# Spurious-CIFAR methods sweep from workdirs/ into results/worst_group/image/ (no checkpoints,
-# logs or TensorBoard events), then regenerates the methods report. Commit with:
+# Spurious-CIFAR methods sweep and of the one-seed grid from workdirs/ into
+# results/worst_group/image/ (no checkpoints, logs or TensorBoard events), then regenerates the
+# methods and grid reports. Commit with:
 #   git add results/worst_group/image && git commit -m '...' -- results/worst_group/image
 set -eu
 cd "$(dirname "$0")/../../.."
@@ -25,3 +26,15 @@ for variant in A B; do
       --methods_root=$R/$variant/methods --out=$R/$variant > /dev/null
 done
 echo "$n finished runs in $R/*/methods"
+# the one-seed grid (lr check, alpha_aux x alpha_reg: claim 9)
+g=0
+for done in $W/A/grid/*/seed*/DONE; do
+  [ -f "$done" ] || continue
+  d=$(dirname "$done"); rel=${d#$W/A/grid/}
+  mkdir -p $R/A/grid/$rel
+  for f in $FILES; do [ -f $d/$f ] && cp $d/$f $R/A/grid/$rel/; done
+  g=$((g + 1))
+done
+[ -d $R/A/grid ] && python -m experiments.worst_group_image_report --grid_root=$R/A/grid \
+    --out=$R/A > /dev/null
+echo "$g finished runs in $R/A/grid"
