@@ -51,7 +51,10 @@ def select(records: list[dict], key: str) -> dict:
 
 
 def summary(run_dir: str) -> dict:
-  return summarize(read(run_dir), run_dir.rstrip("/").split("/")[-1])
+  """:func:`summarize` of a run directory, named by it (``<run>/seed<k>`` for a sweep's runs)."""
+  parts = run_dir.rstrip("/").split("/")
+  name = "/".join(parts[-2:]) if len(parts) > 1 and parts[-1].startswith("seed") else parts[-1]
+  return summarize(read(run_dir), name)
 
 
 def summarize(recs: Sequence[dict], name: str = "") -> dict:
