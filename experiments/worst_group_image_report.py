@@ -70,11 +70,15 @@ def summarize(recs: Sequence[dict], name: str = "") -> dict:
 
 
 def table(run_dirs) -> str:
+  return summary_table([summary(d) for d in run_dirs])
+
+
+def summary_table(summaries) -> str:
+  """The per-run table of :func:`summarize` results."""
   lines = ["| run | steps | final avg / worst | Val-GP (step) avg / worst | No-GP (step) avg / worst "
            "| final per-group (v/r, v/g, a/r, a/g) | final flip % |",
            "|---|---|---|---|---|---|---|"]
-  for d in run_dirs:
-    s = summary(d)
+  for s in summaries:
     f, v, n = s["final"], s["val_gp"], s["no_gp"]
     lines.append(f"| {s['run']} | {s['steps']} | {f['avg']:.1f} / {f['worst']:.1f} | "
                  f"({v['step']}) {v['avg']:.1f} / {v['worst']:.1f} | "
@@ -278,7 +282,7 @@ def grid_report(root: str) -> dict:
     if run["seed"] != 0:
       continue
     if run["done"] and run["records"]:
-      done[run["run"]] = dict(summarize(run["records"], run["run"]), dir=run["dir"],
+      done[run["run"]] = dict(summarize(run["records"], f"{run['run']}/seed0"),
                               val_avg=select(run["records"], "val_average_accuracy")[
                                   "val_average_accuracy"])
     else:
@@ -304,7 +308,7 @@ def grid_report(root: str) -> dict:
 
 def grid_markdown(rep: dict) -> str:
   lines = ["One seed (seed 0), every run fine-tuning the pre-trained encoder; test % under each "
-           "selection.", "", table([v["dir"] for v in rep["runs"].values()]), ""]
+           "selection.", "", summary_table(rep["runs"].values()), ""]
   lc = rep["lr_check"]
   if lc["runs"]:
     lines.append("ERM lr check (No-GP's rule, the best validation average): " + ", ".join(
@@ -329,9 +333,7 @@ def write_grid(root: str, out: str) -> dict:
   rep = grid_report(root)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "grid.json"), "w", encoding="utf-8") as f:
-    json.dump({k: v for k, v in rep.items() if k != "runs"} | {
-        "runs": {k: {kk: vv for kk, vv in v.items() if kk != "dir"} for k, v in rep["runs"].items()}},
-              f, indent=1)
+    json.dump(rep, f, indent=1)
   with open(os.path.join(out, "grid.md"), "w", encoding="utf-8") as f:
     f.write(grid_markdown(rep))
   return rep
