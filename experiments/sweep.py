@@ -422,6 +422,25 @@ def _claim(workdir: str):
   return f
 
 
+def _held_elsewhere(workdir: str) -> bool:
+  """Whether another sweep process holds the run's claim (checked without creating it)."""
+  if not os.path.exists(os.path.join(workdir, ".claim")):
+    return False
+  claim = _claim(workdir)
+  if claim is None:
+    return True
+  claim.close()
+  return False
+
+
+def _skipped_done(head: str, workdir: str, cmd_str: str) -> str:
+  with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
+    same = f.read().strip() == cmd_str
+  return (f"{head}: skipped (DONE)"
+          f"{'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
+          f"{_summary(_last_record(workdir))}")
+
+
 def _last_record(workdir: str) -> Optional[dict]:
   records = metrics_io.read_metrics(os.path.join(workdir, "metrics.jsonl"))
   return records[-1] if records else None
@@ -470,7 +489,7 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     ``'skipped'`` (finished before), ``'failed'``, ``'running'`` (held by
     another sweep process, see ``.claim`` above), ``'waiting'`` (a run of its
     ``Run.after`` is not finished), or in a dry run the current
-    ``'done'``/``'partial'``/``'pending'``.
+    ``'done'``/``'partial'``/``'pending'``/``'running'`` (a dry run creates nothing).
   """
   selected = [r for r in runs if only is None or re.search(only, r.name)]
   if not selected:
@@ -485,43 +504,36 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     cmd_str = shlex.join(_command(run.gin_files, bindings, os.path.abspath(workdir)))
     head = f"[{i}/{len(jobs)}] {key}"
     status = _status(workdir)
-    claim = None
-    if status != "done" and os.path.isdir(workdir):
-      claim = _claim(workdir)
-      if claim is None:
-        say(f"{head}: running in another sweep process; skipped{_summary(_last_record(workdir))}")
-        results[key] = "running"
-        continue
-      status = _status(workdir)  # the other process may have finished it meanwhile
+    if dry_run:
+      if status != "done" and _held_elsewhere(workdir):
+        status = "running"
+      say(f"{head}: {status}{_summary(_last_record(workdir))}\n    {cmd_str}")
+      results[key] = status
+      continue
+    if status == "done":
+      say(_skipped_done(head, workdir, cmd_str))
+      results[key] = "skipped"
+      continue
+    waiting = [f"{a}/seed{seed}" for a in run.after
+               if _status(os.path.join(root, a, f"seed{seed}")) != "done"]
+    if waiting:
+      say(f"{head}: waiting for {', '.join(waiting)} to finish; skipped (re-run the sweep)")
+      results[key] = "waiting"
+      continue
+    os.makedirs(workdir, exist_ok=True)
+    claim = _claim(workdir)
+    if claim is None:
+      say(f"{head}: running in another sweep process; skipped{_summary(_last_record(workdir))}")
+      results[key] = "running"
+      continue
     try:
-      if dry_run:
-        say(f"{head}: {status}{_summary(_last_record(workdir))}\n    {cmd_str}")
-        results[key] = status
-        continue
-      if status == "done":
-        with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
-          same = f.read().strip() == cmd_str
-        say(f"{head}: skipped (DONE){'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
-            f"{_summary(_last_record(workdir))}")
+      if _status(workdir) == "done":  # the other process finished it before we claimed it
+        say(_skipped_done(head, workdir, cmd_str))
         results[key] = "skipped"
         continue
-      waiting = [f"{a}/seed{seed}" for a in run.after
-                 if _status(os.path.join(root, a, f"seed{seed}")) != "done"]
-      if waiting:
-        say(f"{head}: waiting for {', '.join(waiting)} to finish; skipped (re-run the sweep)")
-        results[key] = "waiting"
-        continue
-      if claim is None:
-        os.makedirs(workdir, exist_ok=True)
-        claim = _claim(workdir)
-        if claim is None:
-          say(f"{head}: running in another sweep process; skipped")
-          results[key] = "running"
-          continue
       results[key] = _run_one(run, seed, workdir, bindings, cmd_str, head, in_process, say)
     finally:
-      if claim is not None:
-        claim.close()  # releases the flock
+      claim.close()  # releases the flock
   return results
 
 

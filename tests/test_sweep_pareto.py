@@ -96,9 +96,13 @@ def test_sweep_skips_a_run_another_process_holds(tmp_path):
                         extra_bindings=STEPS, say=lines.append)
   assert res == {"avg/seed0": "running"} and "another sweep process" in lines[0]
   assert os.listdir(wd) == [".claim"]  # nothing trained or written
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", dry_run=True, say=lines.append)
+  assert res == {"avg/seed0": "running"}
   held.close()
   res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", dry_run=True, say=lines.append)
   assert res == {"avg/seed0": "pending"}  # free again once the holder lets go
+  res = sweep.run_sweep(RUNS, root, seeds=(1,), only="^avg$", dry_run=True, say=lines.append)
+  assert res == {"avg/seed1": "pending"} and not os.path.exists(os.path.join(root, "avg", "seed1"))
   # A run that needs another one finished first waits for it (e.g. JTT's stage 2).
   second = sweep.Run("second", RUNS[0].gin_files, after=("avg",))
   res = sweep.run_sweep([second], root, seeds=(0,), in_process=True, say=lines.append)
