@@ -8,6 +8,8 @@ import pytest
 import ldro
 from ldro import gradient_balancing as gb
 
+import method_helpers
+
 aligned = jax.jit(gb.aligned_mtl_coefficients, static_argnames=("scale_mode",))
 
 
@@ -65,35 +67,8 @@ def test_modes_agree_and_registry():
     ldro.aligned_mtl(3, scale_mode="max")
   with pytest.raises(ValueError, match="pref_vector"):
     ldro.aligned_mtl(3, pref_vector=[1.0, 2.0])
-  n, dim = 4, 6
-  rng = np.random.default_rng(0)
-  X = jnp.asarray(rng.normal(size=(n, dim, dim)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-
-  def losses_fn(theta):
-    r = jnp.einsum("nij,j->ni", X, theta["w"]) - y
-    return 0.5 * jnp.sum(r * r, axis=1)
-
-  txs = [ldro.get_method("aligned_mtl", num_tasks=n) for _ in range(3)]
-
-  @jax.jit
-  def step(theta, states):
-    _, vjp = jax.vjp(losses_fn, theta)
-    grads = jax.jacrev(losses_fn)(theta)
-    u0, s0 = txs[0].update(grads, states[0], theta)
-    u1, s1 = txs[1].update(None, states[1], theta, task_vjp=vjp,
-                           gram_fn=lambda: ldro.task_gram(grads))
-    u2, s2 = txs[2].update(None, states[2], theta, task_vjp=vjp, task_grads_fn=lambda: grads)
-    return (u0, u1, u2), (s0, s1, s2), grads
-
-  theta = {"w": jnp.asarray(rng.normal(size=dim), jnp.float32)}
-  states = tuple(t.init(theta) for t in txs)
-  for _ in range(3):
-    (u0, u1, u2), states, grads = step(theta, states)
-    c = ldro.task_weights(states[0])
-    np.testing.assert_allclose(u0["w"], c @ grads["w"], rtol=1e-5, atol=1e-6)
-    for u in (u1, u2):
-      np.testing.assert_allclose(u["w"], u0["w"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(c, svd_reference(np.asarray(grads["w"], np.float64),
-                                                np.full(n, 1 / n)), rtol=5e-3, atol=1e-5)
-    theta = {"w": theta["w"] - 0.02 * u0["w"]}
+  n = 4
+  for states, grads, _ in method_helpers.modes_agree(lambda: ldro.get_method("aligned_mtl", num_tasks=n)):
+    np.testing.assert_allclose(ldro.task_weights(states[0]),
+                               svd_reference(np.asarray(grads["w"], np.float64), np.full(n, 1 / n)),
+                               rtol=5e-3, atol=1e-5)

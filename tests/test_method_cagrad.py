@@ -10,6 +10,8 @@ from scipy.optimize import minimize
 import ldro
 from ldro import gradient_balancing as gb
 
+import method_helpers
+
 cagrad_coefficients = jax.jit(gb.cagrad_coefficients, static_argnames=("max_iter",))
 
 
@@ -113,37 +115,8 @@ def test_modes_agree_inject_hyperparams_and_registry():
     ldro.cagrad(3, c=-1.0)
   with pytest.raises(ValueError, match="rescale"):
     ldro.cagrad(3, rescale=3)
-  n, dim = 4, 6
-  rng = np.random.default_rng(0)
-  X = jnp.asarray(rng.normal(size=(n, dim, dim)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-
-  def losses_fn(theta):
-    r = jnp.einsum("nij,j->ni", X, theta["w"]) - y
-    return 0.5 * jnp.sum(r * r, axis=1)
-
-  txs = [ldro.get_method("cagrad", num_tasks=n) for _ in range(3)]
-  txs.append(optax.inject_hyperparams(ldro.cagrad, static_args=("num_tasks",))(
-      num_tasks=n, c=0.5))
-
-  @jax.jit
-  def step(theta, states):
-    _, vjp = jax.vjp(losses_fn, theta)
-    grads = jax.jacrev(losses_fn)(theta)
-    u0, s0 = txs[0].update(grads, states[0], theta)
-    u1, s1 = txs[1].update(None, states[1], theta, task_vjp=vjp,
-                           gram_fn=lambda: ldro.task_gram(grads))
-    u2, s2 = txs[2].update(None, states[2], theta, task_vjp=vjp, task_grads_fn=lambda: grads)
-    u3, s3 = txs[3].update(grads, states[3], theta)
-    return (u0, u1, u2, u3), (s0, s1, s2, s3), grads
-
-  theta = {"w": jnp.asarray(rng.normal(size=dim), jnp.float32)}
-  states = tuple(t.init(theta) for t in txs)
-  for _ in range(3):
-    (u0, u1, u2, u3), states, grads = step(theta, states)
-    c = ldro.task_weights(states[0])
-    np.testing.assert_allclose(u0["w"], c @ grads["w"], rtol=1e-5, atol=1e-6)
-    for u in (u1, u2, u3):
-      np.testing.assert_allclose(u["w"], u0["w"], rtol=1e-4, atol=1e-6)
+  n = 4
+  injected = optax.inject_hyperparams(ldro.cagrad, static_args=("num_tasks",))(num_tasks=n, c=0.5)
+  for states, _, _ in method_helpers.modes_agree(lambda: ldro.get_method("cagrad", num_tasks=n),
+                                               extra_txs=[injected]):
     assert bool(states[0].method_state.converged)
-    theta = {"w": theta["w"] - 0.02 * u0["w"]}

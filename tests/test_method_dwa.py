@@ -1,25 +1,18 @@
 """DWA (Liu et al., CVPR 2019): weights from the last two epochs' average losses."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ldro
 
+import method_helpers
+
 J = np.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5], [0.5, -2.0, 1.0]])
 
 
 def run(tx, losses_seq, mask_seq=None):
-  step = jax.jit(lambda s, l, m: tx.update({"w": jnp.asarray(J, jnp.float32)}, s, None,
-                                           task_losses=l, task_mask=m))
-  state, weights, outs = tx.init(None), [], []
-  for t, l in enumerate(losses_seq):
-    m = jnp.ones(3, bool) if mask_seq is None else jnp.asarray(mask_seq[t])
-    u, state = step(state, jnp.asarray(l, jnp.float32), m)
-    weights.append(np.asarray(ldro.task_weights(state)))
-    outs.append(np.asarray(u["w"]))
-  return weights, outs, state
+  return method_helpers.run_fixed(tx, losses_seq, J, mask_seq)
 
 
 def softmax(x):

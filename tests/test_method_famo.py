@@ -1,32 +1,20 @@
 """FAMO (Liu et al., NeurIPS 2023): weight logits from the change of the log losses."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ldro
 
+import method_helpers
+
 J = np.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5], [0.5, -2.0, 1.0]])
 SEQ = np.array([[2.0, 1.0, 4.0], [1.5, 0.9, 3.0], [1.0, 0.85, 2.5], [0.6, 0.8, 2.4],
                 [0.5, 0.7, 2.0]])
 
 
-_STEPS = {}
-
-
 def run(tx, losses_seq, mask=None):
-  key = (id(tx), mask is None)  # one compilation per transformation
-  if key not in _STEPS:
-    _STEPS[key] = jax.jit(lambda s, l, m: tx.update({"w": jnp.asarray(J, jnp.float32)}, s, None,
-                                                    task_losses=l, task_mask=m))
-  step = _STEPS[key]
-  state, weights, outs = tx.init(None), [], []
-  for l in losses_seq:
-    u, state = step(state, jnp.asarray(l, jnp.float32), mask)
-    weights.append(np.asarray(ldro.task_weights(state)))
-    outs.append(np.asarray(u["w"]))
-  return weights, outs, state
+  return method_helpers.run_fixed(tx, losses_seq, J, mask)
 
 
 def softmax(x):

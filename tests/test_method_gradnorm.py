@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 import ldro
+
+import method_helpers
 from ldro import gradient_normalization as gradnorm_lib
 
 RNG = np.random.default_rng(0)
@@ -27,13 +29,7 @@ def jgrads():
 
 
 def run(tx, losses_seq):
-  step = jax.jit(lambda s, l: tx.update(jgrads(), s, None, task_losses=l))
-  state, weights, outs = tx.init(None), [], []
-  for l in losses_seq:
-    u, state = step(state, jnp.asarray(l, jnp.float32))
-    weights.append(np.asarray(ldro.task_weights(state)))
-    outs.append(u)
-  return weights, outs, state
+  return method_helpers.run_fixed(tx, losses_seq, GRADS)
 
 
 def gradnorm_by_hand(gw, seq, alpha, lr):

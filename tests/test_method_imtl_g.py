@@ -8,6 +8,8 @@ import pytest
 import ldro
 from ldro import gradient_balancing as gb
 
+import method_helpers
+
 imtl_g_coefficients = jax.jit(gb.imtl_g_coefficients)
 
 
@@ -61,35 +63,6 @@ def test_mask_excludes_absent_tasks():
 def test_modes_agree_and_registry():
   info = ldro.method_info("imtl_g")
   assert info.label == "IMTL-G" and info.needs == {"gram"} and "lean" in info.modes
-  n, dim = 4, 6
-  rng = np.random.default_rng(0)
-  X = jnp.asarray(rng.normal(size=(n, dim, dim)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-
-  def losses_fn(theta):
-    r = jnp.einsum("nij,j->ni", X, theta["w"]) - y
-    return 0.5 * jnp.sum(r * r, axis=1)
-
-  txs = [ldro.get_method("imtl_g", num_tasks=n) for _ in range(3)]
-
-  @jax.jit
-  def step(theta, states):
-    losses, vjp = jax.vjp(losses_fn, theta)
-    grads = jax.jacrev(losses_fn)(theta)
-    u0, s0 = txs[0].update(grads, states[0], theta)
-    u1, s1 = txs[1].update(None, states[1], theta, task_vjp=vjp,
-                           gram_fn=lambda: ldro.task_gram(grads))
-    u2, s2 = txs[2].update(None, states[2], theta, task_vjp=vjp, task_grads_fn=lambda: grads)
-    return (u0, u1, u2), (s0, s1, s2), grads
-
-  theta = {"w": jnp.asarray(rng.normal(size=dim), jnp.float32)}
-  states = tuple(t.init(theta) for t in txs)
-  for _ in range(3):
-    (u0, u1, u2), states, grads = step(theta, states)
-    c = ldro.task_weights(states[0])
-    np.testing.assert_allclose(u0["w"], c @ grads["w"], rtol=1e-5, atol=1e-6)
-    for u in (u1, u2):
-      np.testing.assert_allclose(u["w"], u0["w"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(c, paper_alpha(np.asarray(grads["w"], np.float64)), rtol=5e-3,
-                               atol=5e-4)
-    theta = {"w": theta["w"] - 0.02 * u0["w"]}
+  for states, grads, _ in method_helpers.modes_agree(lambda: ldro.get_method("imtl_g", num_tasks=4)):
+    np.testing.assert_allclose(ldro.task_weights(states[0]),
+                               paper_alpha(np.asarray(grads["w"], np.float64)), rtol=5e-3, atol=5e-4)

@@ -7,19 +7,17 @@ import pytest
 
 import ldro
 
+import method_helpers
+
 J = np.array([[1.0, 0.0, 2.0, 0.0, 1.0],
               [-1.0, 1.0, 0.5, 0.3, 0.0],
               [0.5, -2.0, 1.0, 0.0, -1.0]])  # g_i, rows, linearly independent
 LOSSES = np.array([0.5, 2.0, 4.0])
 
 
-def run(tx, losses_seq, mask=None):
-  step = jax.jit(lambda s, l: tx.update({"w": jnp.asarray(J, jnp.float32)}, s, None,
-                                        task_losses=l, task_mask=mask))
-  state, outs = tx.init(None), []
-  for l in losses_seq:
-    u, state = step(state, jnp.asarray(l, jnp.float32))
-    outs.append(np.asarray(u["w"]))
+def run(tx, losses_seq, grads=J, mask=None):
+  """Updates of tx on fixed gradients under jit; returns the updates and final state."""
+  _, outs, state = method_helpers.run_fixed(tx, losses_seq, grads, mask)
   return outs, state
 
 

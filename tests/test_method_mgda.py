@@ -9,6 +9,8 @@ from scipy.optimize import minimize
 import ldro
 from ldro import gradient_balancing as gb
 
+import method_helpers
+
 mgda_coefficients = jax.jit(gb.mgda_coefficients, static_argnames=("normalization", "max_iter"))
 
 
@@ -110,38 +112,13 @@ def test_losses_needed_only_for_loss_normalizations():
 
 
 def test_modes_agree_and_state():
-  n, dim = 4, 6
-  rng = np.random.default_rng(0)
-  X = jnp.asarray(rng.normal(size=(n, dim, dim)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-
-  def losses_fn(theta):
-    r = jnp.einsum("nij,j->ni", X, theta["w"]) - y
-    return 0.5 * jnp.sum(r * r, axis=1) + 0.1
-
-  txs = [ldro.get_method("mgda", num_tasks=n, normalization="loss+") for _ in range(3)]
-
-  @jax.jit
-  def step(theta, states):
-    losses, vjp = jax.vjp(losses_fn, theta)
-    grads = jax.jacrev(losses_fn)(theta)
-    u0, s0 = txs[0].update(grads, states[0], theta, task_losses=losses)
-    u1, s1 = txs[1].update(None, states[1], theta, task_losses=losses, task_vjp=vjp,
-                           gram_fn=lambda: ldro.task_gram(grads))
-    u2, s2 = txs[2].update(None, states[2], theta, task_losses=losses, task_vjp=vjp,
-                           task_grads_fn=lambda: grads)
-    return (u0, u1, u2), (s0, s1, s2), grads, losses
-
-  theta = {"w": jnp.asarray(rng.normal(size=dim), jnp.float32)}
-  states = tuple(t.init(theta) for t in txs)
-  for _ in range(3):
-    (u0, u1, u2), states, grads, losses = step(theta, states)
-    c = ldro.task_weights(states[0])
-    np.testing.assert_allclose(u0["w"], c @ grads["w"], rtol=1e-5, atol=1e-6)
-    for u, s in ((u1, states[1]), (u2, states[2])):
-      np.testing.assert_allclose(u["w"], u0["w"], rtol=1e-4, atol=1e-6)
-      np.testing.assert_allclose(ldro.task_weights(s), c, rtol=1e-4, atol=1e-6)
+  make = lambda: ldro.get_method("mgda", num_tasks=4, normalization="loss+")
+  for states, grads, _ in method_helpers.modes_agree(make, lr=0.05, loss_offset=0.1,
+                                                   pass_losses=True):
+    for s in states[1:]:
+      np.testing.assert_allclose(ldro.task_weights(s), ldro.task_weights(states[0]), rtol=1e-4,
+                                 atol=1e-6)
     info = states[0].method_state
     assert isinstance(info, gb.SolverInfo) and info.converged.dtype == bool
-    assert np.all(np.asarray(grads["w"] @ u0["w"]) >= -1e-5)
-    theta = {"w": theta["w"] - 0.05 * u0["w"]}
+    u = ldro.task_weights(states[0]) @ grads["w"]
+    assert np.all(np.asarray(grads["w"] @ u) >= -1e-5)

@@ -9,6 +9,8 @@ from scipy.optimize import nnls
 import ldro
 from ldro import gradient_balancing as gb
 
+import method_helpers
+
 upgrad_coefficients = jax.jit(gb.upgrad_coefficients, static_argnames=("max_iter",))
 
 
@@ -90,37 +92,9 @@ def test_modes_agree_and_registry():
   assert info.label == "UPGrad" and info.needs == {"gram"}
   with pytest.raises(ValueError, match="pref_vector"):
     ldro.upgrad(3, pref_vector=[1.0, np.nan, 0.0])
-  n, dim = 4, 6
-  rng = np.random.default_rng(0)
-  X = jnp.asarray(rng.normal(size=(n, dim, dim)), jnp.float32)
-  y = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
-
-  def losses_fn(theta):
-    r = jnp.einsum("nij,j->ni", X, theta["w"]) - y
-    return 0.5 * jnp.sum(r * r, axis=1)
-
-  txs = [ldro.get_method("upgrad", num_tasks=n) for _ in range(3)]
-
-  @jax.jit
-  def step(theta, states):
-    _, vjp = jax.vjp(losses_fn, theta)
-    grads = jax.jacrev(losses_fn)(theta)
-    u0, s0 = txs[0].update(grads, states[0], theta)
-    u1, s1 = txs[1].update(None, states[1], theta, task_vjp=vjp,
-                           gram_fn=lambda: ldro.task_gram(grads))
-    u2, s2 = txs[2].update(None, states[2], theta, task_vjp=vjp, task_grads_fn=lambda: grads)
-    return (u0, u1, u2), (s0, s1, s2), grads
-
-  theta = {"w": jnp.asarray(rng.normal(size=dim), jnp.float32)}
-  states = tuple(t.init(theta) for t in txs)
-  for _ in range(3):
-    (u0, u1, u2), states, grads = step(theta, states)
-    c = ldro.task_weights(states[0])
-    np.testing.assert_allclose(u0["w"], c @ grads["w"], rtol=1e-5, atol=1e-6)
-    for u in (u1, u2):
-      np.testing.assert_allclose(u["w"], u0["w"], rtol=1e-4, atol=1e-6)
+  n = 4
+  for states, grads, _ in method_helpers.modes_agree(lambda: ldro.get_method("upgrad", num_tasks=n)):
     g = np.asarray(grads["w"], np.float64)
-    np.testing.assert_allclose(c, nnls_reference(g @ g.T, np.full(n, 1 / n)), rtol=1e-3,
-                               atol=1e-5)
+    np.testing.assert_allclose(ldro.task_weights(states[0]),
+                               nnls_reference(g @ g.T, np.full(n, 1 / n)), rtol=1e-3, atol=1e-5)
     assert bool(states[0].method_state.converged)
-    theta = {"w": theta["w"] - 0.02 * u0["w"]}
