@@ -83,7 +83,11 @@ def build_report(root: str, tail: int = regime_report.TAIL) -> dict:
   """Per-run statistics over seeds, Delta_p against EW, Table 4 and the claims."""
   runs = regime_report.load_runs(root)
   per = {}  # run name -> seed -> tail metrics (+ wall clock)
+  failed = {}  # run name -> seed -> (last step evaluated, error line): failures are results
   for r in runs:
+    if r["failed"] is not None and not r["done"]:
+      last = r["records"][-1]["step"] if r["records"] else 0
+      failed.setdefault(r["run"], {})[r["seed"]] = {"last_eval_step": last, "error": r["failed"]}
     t = regime_report.tail_metrics(r["records"], tail)
     if t is None or not r["done"]:
       continue
@@ -102,7 +106,7 @@ def build_report(root: str, tail: int = regime_report.TAIL) -> dict:
     walls = [s["wall_s_per_step"] for s in seeds.values() if "wall_s_per_step" in s]
     loads = [s["load_at_end"] for s in seeds.values() if "load_at_end" in s]
     rows[name] = {
-        "label": _label(name), "seeds": sorted(seeds),
+        "label": _label(name), "seeds": sorted(seeds), "failed_seeds": sorted(failed.get(name, {})),
         "avg_mean": float(np.mean(avg)), "avg_std": float(np.std(avg, ddof=1)) if len(avg) > 1 else math.nan,
         "worst_mean": float(np.mean(worst)),
         "worst_std": float(np.std(worst, ddof=1)) if len(worst) > 1 else math.nan,
@@ -149,7 +153,7 @@ def build_report(root: str, tail: int = regime_report.TAIL) -> dict:
     table4.append({"method": m, "label": _label(m), "ew": alone, "rlw": with_rlw,
                    "rlw_minus_ew": {"verdict": v[0], "mean": v[1], "se": v[2], "seeds": v[3]}})
   return {"root": root, "tail": tail, "rows": rows, "claims": claims, "table4": table4,
-          "per_seed": per}
+          "per_seed": per, "failed": failed}
 
 
 def _at_least(verdict: str) -> str:
@@ -172,7 +176,9 @@ def markdown(report: dict) -> str:
   for r in rows:
     wall = "-" if math.isnan(r["wall_s_per_step"]) else (
         f"{r['wall_s_per_step']:.3f} ({r['load_at_end']:.0f})")
-    lines.append(f"| {r['label']} | {len(r['seeds'])} | {_pm(r['avg_mean'], r['avg_std'])} | "
+    n_failed = len(r.get("failed_seeds", ()))
+    seeds = f"{len(r['seeds'])}" + (f" (+{n_failed} failed)" if n_failed else "")
+    lines.append(f"| {r['label']} | {seeds} | {_pm(r['avg_mean'], r['avg_std'])} | "
                  f"{_pm(r['worst_mean'], r['worst_std'])} | "
                  f"{_pm(r['delta_p_mean'], r['delta_p_std'], 1.0)} | {wall} |")
   lines += ["", "Table 4 (gradient methods alone = EW column, and with RLW loss weights):", "",
@@ -183,12 +189,21 @@ def markdown(report: dict) -> str:
         f"{_pm(r['avg_mean'], r['avg_std'])} / {_pm(r['worst_mean'], r['worst_std'])}")
     d = t["rlw_minus_ew"]
     diff = "-" if math.isnan(d["mean"]) else f"{100 * d['mean']:+.2f} ({d['verdict']})"
-    lines.append(f"| {t['label']} | {cell(t['ew'])} | {cell(t['rlw'])} | {diff} |")
+    n_failed = len(report.get("failed", {}).get(f"rlw+{t['method']}", {}))
+    rlw = cell(t["rlw"]) + (f" (+{n_failed} failed)" if n_failed else "")
+    lines.append(f"| {t['label']} | {cell(t['ew'])} | {rlw} | {diff} |")
   lines += ["", "| claim | verdict | mean diff (pp) | s.e. | seeds |", "|---|---|---|---|---|"]
   for c in report["claims"]:
     mean = "-" if math.isnan(c["mean"]) else f"{100 * c['mean']:+.2f}"
     se = "-" if math.isnan(c["se"]) else f"{100 * c['se']:.2f}"
     lines.append(f"| {c['claim']} | {c['verdict']} | {mean} | {se} | {c['seeds']} |")
+  if report.get("failed"):
+    lines += ["", "Failed runs (left out of the means and the paired verdicts above; the "
+              "sweep's FAILED file holds the error):", ""]
+    for name, seeds in sorted(report["failed"].items()):
+      for seed, f in sorted(seeds.items()):
+        lines.append(f"- {_label(name)}, seed {seed} (last evaluation at step "
+                     f"{f['last_eval_step']}): {f['error']}")
   return "\n".join(lines) + "\n"
 
 

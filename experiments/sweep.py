@@ -19,6 +19,10 @@ an out-of-memory kill then only ends that run). Per run directory:
 * ``DONE``: written after success, holding the command. Runs with ``DONE``
   are skipped; runs without it are (re)started with the same command and
   the runner resumes from its last checkpoint (``keep_checkpoints=1``);
+* ``FAILED``: written when the run fails (e.g. the runner's non-finite guard:
+  the method diverged), holding the error line. The failure is a result: the
+  run is skipped with its error from then on, and the reports list it;
+  ``--retry_failed`` resumes it instead (e.g. after an out-of-memory kill);
 * ``.claim``: an exclusive ``flock`` the sweep process holds while its run
   trains (the training process itself locks ``.lock``, see
   :mod:`experiments.runner.workdir`). Several sweep processes may work through
@@ -404,10 +408,21 @@ def _command(gin_files: Sequence[str], bindings: Sequence[str], workdir: str) ->
 def _status(workdir: str) -> str:
   if os.path.exists(os.path.join(workdir, "DONE")):
     return "done"
+  if os.path.exists(os.path.join(workdir, "FAILED")):
+    return "failed"
   if os.path.isdir(os.path.join(workdir, "checkpoints")) or os.path.exists(
       os.path.join(workdir, "metrics.jsonl")):
     return "partial"
   return "pending"
+
+
+def failed_error(workdir: str) -> Optional[str]:
+  """The error line a failed run recorded in ``<workdir>/FAILED``, or None if it has none."""
+  try:
+    with open(os.path.join(workdir, "FAILED"), encoding="utf-8") as f:
+      return f.read().strip() or "failed"
+  except FileNotFoundError:
+    return None
 
 
 def _claim(workdir: str):
@@ -470,7 +485,7 @@ def _train_in_process(run: Run, workdir: str, bindings: Sequence[str]) -> None:
 
 def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
               only: Optional[str] = None, dry_run: bool = False, in_process: bool = False,
-              extra_bindings: Sequence[str] = (),
+              extra_bindings: Sequence[str] = (), retry_failed: bool = False,
               say: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
   """Runs (or lists) every run x seed not finished yet.
 
@@ -482,14 +497,16 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     dry_run: only report each run's status and command.
     in_process: train in this process instead of a subprocess per run.
     extra_bindings: gin bindings appended to every run.
+    retry_failed: resume runs that failed before (``FAILED``) instead of skipping them.
     say: progress printer (one line per run).
 
   Returns:
     ``{'<name>/seed<k>': status}`` with status ``'done'`` (finished now),
-    ``'skipped'`` (finished before), ``'failed'``, ``'running'`` (held by
+    ``'skipped'`` (finished before), ``'failed'`` (now, or before and not retried), ``'running'`` (held by
     another sweep process, see ``.claim`` above), ``'waiting'`` (a run of its
     ``Run.after`` is not finished), or in a dry run the current
-    ``'done'``/``'partial'``/``'pending'``/``'running'`` (a dry run creates nothing).
+    ``'done'``/``'failed'``/``'partial'``/``'pending'``/``'running'`` (a dry run creates
+    nothing).
   """
   selected = [r for r in runs if only is None or re.search(only, r.name)]
   if not selected:
@@ -514,6 +531,10 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       say(_skipped_done(head, workdir, cmd_str))
       results[key] = "skipped"
       continue
+    if status == "failed" and not retry_failed:
+      say(f"{head}: failed before, skipped ({failed_error(workdir)}; --retry_failed resumes it)")
+      results[key] = "failed"
+      continue
     waiting = [f"{a}/seed{seed}" for a in run.after
                if _status(os.path.join(root, a, f"seed{seed}")) != "done"]
     if waiting:
@@ -527,9 +548,14 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       results[key] = "running"
       continue
     try:
-      if _status(workdir) == "done":  # the other process finished it before we claimed it
+      status = _status(workdir)  # another process may have ended it before we claimed it
+      if status == "done":
         say(_skipped_done(head, workdir, cmd_str))
         results[key] = "skipped"
+        continue
+      if status == "failed" and not retry_failed:
+        say(f"{head}: failed in another sweep process ({failed_error(workdir)})")
+        results[key] = "failed"
         continue
       results[key] = _run_one(run, seed, workdir, bindings, cmd_str, head, in_process, say)
     finally:
@@ -545,7 +571,10 @@ def _run_one(run: Run, seed: int, workdir: str, bindings: Sequence[str], cmd_str
   with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
     json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
                "bindings": list(bindings)} | _code_version(), f, indent=2)
-  say(f"{head}: {'resuming' if _status(workdir) == 'partial' else 'starting'}")
+  status = _status(workdir)
+  say(f"{head}: {'starting' if status == 'pending' else 'resuming'}")
+  if status == "failed":  # --retry_failed
+    os.remove(os.path.join(workdir, "FAILED"))
   t0 = time.time()
   error = None
   if in_process:
@@ -582,6 +611,8 @@ def _run_one(run: Run, seed: int, workdir: str, bindings: Sequence[str], cmd_str
   took = time.time() - t0
   _add_wall_clock(workdir, took, error is None)
   if error is not None:
+    with open(os.path.join(workdir, "FAILED"), "w", encoding="utf-8") as f:
+      f.write(error + "\n")
     say(f"{head}: FAILED after {took:.0f}s: {error}")
     return "failed"
   with open(os.path.join(workdir, "DONE"), "w", encoding="utf-8") as f:
@@ -647,6 +678,8 @@ def define_flags() -> None:
                     "instead of one subprocess per run.")
   flags.DEFINE_multi_string("bindings", [], "Extra gin bindings appended to every run "
                             "(repeatable), e.g. 'NUM_STEPS = 100'.")
+  flags.DEFINE_bool("retry_failed", False, "Resume runs that failed before (their FAILED file) "
+                    "instead of skipping them.")
 
 
 def _raise_interrupt(signum, frame):
@@ -672,7 +705,8 @@ def main(argv: Sequence[str]) -> None:
     runs = sweep_runs(f.sweep)
     if f.only:
       re.compile(f.only)
-    results = run_sweep(runs, f.root, seeds, f.only, f.dry_run, f.in_process, f.bindings)
+    results = run_sweep(runs, f.root, seeds, f.only, f.dry_run, f.in_process, f.bindings,
+                        f.retry_failed)
   except KeyboardInterrupt:
     print(f"sweep {f.sweep}: interrupted; re-run the same command to resume.", flush=True)
     sys.exit(130)

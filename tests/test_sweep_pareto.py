@@ -110,6 +110,30 @@ def test_sweep_skips_a_run_another_process_holds(tmp_path):
   assert not os.path.exists(os.path.join(root, "second"))
 
 
+def test_a_failed_run_is_recorded_and_skipped_until_retried(tmp_path, gin_config):
+  """A run that fails leaves FAILED with its error; later sweeps skip it unless retry_failed."""
+  del gin_config
+  root = str(tmp_path / "root")
+  bad = STEPS + ["method.name = 'no_such_method'"]  # fails at once, as a diverged run would
+  lines = []
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", in_process=True,
+                        extra_bindings=bad, say=lines.append)
+  wd = os.path.join(root, "avg", "seed0")
+  assert res == {"avg/seed0": "failed"} and "FAILED" in lines[-1]
+  error = sweep.failed_error(wd)
+  assert "no_such_method" in error and error in lines[-1]
+  lines.clear()
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", in_process=True,
+                        extra_bindings=bad, say=lines.append)
+  assert res == {"avg/seed0": "failed"} and "failed before, skipped" in lines[0]
+  assert sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", dry_run=True,
+                         say=lines.append) == {"avg/seed0": "failed"}
+  lines.clear()
+  res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", in_process=True,
+                        extra_bindings=STEPS, retry_failed=True, say=lines.append)
+  assert res == {"avg/seed0": "done"} and sweep.failed_error(wd) is None
+
+
 def test_sweep_command_line_runs_a_subprocess(tmp_path):
   root = tmp_path / "root"
   cmd = [sys.executable, "-m", "experiments.sweep", "--sweep=synthetic", f"--root={root}",
