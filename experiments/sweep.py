@@ -502,9 +502,10 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
 
   Returns:
     ``{'<name>/seed<k>': status}`` with status ``'done'`` (finished now),
-    ``'skipped'`` (finished before), ``'failed'`` (now, or before and not retried), ``'running'`` (held by
-    another sweep process, see ``.claim`` above), ``'waiting'`` (a run of its
-    ``Run.after`` is not finished), or in a dry run the current
+    ``'skipped'`` (finished before), ``'failed'`` (now, or before and not
+    retried), ``'running'`` (held by another sweep process, see ``.claim``
+    above), ``'waiting'`` (a run of its ``Run.after`` is not finished), or in a
+    dry run the current
     ``'done'``/``'failed'``/``'partial'``/``'pending'``/``'running'`` (a dry run creates
     nothing).
   """

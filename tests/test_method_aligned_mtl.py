@@ -1,5 +1,7 @@
 """Aligned-MTL (Senushkin et al., 2023) on the task-weighting core."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +70,8 @@ def test_modes_agree_and_registry():
   with pytest.raises(ValueError, match="pref_vector"):
     ldro.aligned_mtl(3, pref_vector=[1.0, 2.0])
   n = 4
-  for states, grads, _ in method_helpers.modes_agree(lambda: ldro.get_method("aligned_mtl", num_tasks=n)):
+  make = functools.partial(ldro.get_method, "aligned_mtl", num_tasks=n)
+  for states, grads, _ in method_helpers.modes_agree(make):
     np.testing.assert_allclose(ldro.task_weights(states[0]),
                                svd_reference(np.asarray(grads["w"], np.float64), np.full(n, 1 / n)),
                                rtol=5e-3, atol=1e-5)

@@ -1,5 +1,7 @@
 """CAGrad (Liu et al., 2021) on the task-weighting core."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +119,6 @@ def test_modes_agree_inject_hyperparams_and_registry():
     ldro.cagrad(3, rescale=3)
   n = 4
   injected = optax.inject_hyperparams(ldro.cagrad, static_args=("num_tasks",))(num_tasks=n, c=0.5)
-  for states, _, _ in method_helpers.modes_agree(lambda: ldro.get_method("cagrad", num_tasks=n),
-                                               extra_txs=[injected]):
+  make = functools.partial(ldro.get_method, "cagrad", num_tasks=n)
+  for states, _, _ in method_helpers.modes_agree(make, extra_txs=[injected]):
     assert bool(states[0].method_state.converged)

@@ -1,5 +1,7 @@
 """IMTL-G (Liu et al., 2021) on the task-weighting core."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,8 @@ def test_mask_excludes_absent_tasks():
 def test_modes_agree_and_registry():
   info = ldro.method_info("imtl_g")
   assert info.label == "IMTL-G" and info.needs == {"gram"} and "lean" in info.modes
-  for states, grads, _ in method_helpers.modes_agree(lambda: ldro.get_method("imtl_g", num_tasks=4)):
+  make = functools.partial(ldro.get_method, "imtl_g", num_tasks=4)
+  for states, grads, _ in method_helpers.modes_agree(make):
     np.testing.assert_allclose(ldro.task_weights(states[0]),
-                               paper_alpha(np.asarray(grads["w"], np.float64)), rtol=5e-3, atol=5e-4)
+                               paper_alpha(np.asarray(grads["w"], np.float64)),
+                               rtol=5e-3, atol=5e-4)

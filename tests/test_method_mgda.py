@@ -1,5 +1,7 @@
 """MGDA (Sener & Koltun, 2018) on the task-weighting core."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,7 +114,7 @@ def test_losses_needed_only_for_loss_normalizations():
 
 
 def test_modes_agree_and_state():
-  make = lambda: ldro.get_method("mgda", num_tasks=4, normalization="loss+")
+  make = functools.partial(ldro.get_method, "mgda", num_tasks=4, normalization="loss+")
   for states, grads, _ in method_helpers.modes_agree(make, lr=0.05, loss_offset=0.1,
                                                    pass_losses=True):
     for s in states[1:]:

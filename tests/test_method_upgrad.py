@@ -1,5 +1,7 @@
 """UPGrad (Quinton & Rey, 2024) on the task-weighting core."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +95,8 @@ def test_modes_agree_and_registry():
   with pytest.raises(ValueError, match="pref_vector"):
     ldro.upgrad(3, pref_vector=[1.0, np.nan, 0.0])
   n = 4
-  for states, grads, _ in method_helpers.modes_agree(lambda: ldro.get_method("upgrad", num_tasks=n)):
+  make = functools.partial(ldro.get_method, "upgrad", num_tasks=n)
+  for states, grads, _ in method_helpers.modes_agree(make):
     g = np.asarray(grads["w"], np.float64)
     np.testing.assert_allclose(ldro.task_weights(states[0]),
                                nnls_reference(g @ g.T, np.full(n, 1 / n)), rtol=1e-3, atol=1e-5)
