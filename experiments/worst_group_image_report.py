@@ -159,11 +159,14 @@ def methods_report(root: str) -> dict:
   over seeds; the claims with paired verdicts (seeds pair runs with the same data and cue)."""
   from experiments import regime_report  # pylint: disable=g-import-not-at-top
   cells = {}  # (regime, method) -> seed -> summary
-  unfinished = []
+  unfinished, failed = [], []
   for run in regime_report.load_runs(root):
     regime, _, method = run["run"].partition("-")
     if regime not in REGIMES or method not in METHODS:
       continue  # e.g. JTT's stage 1
+    if run["failed"] is not None and not run["done"]:  # a result too (e.g. diverged)
+      failed.append(f"{run['run']}/seed{run['seed']}: {run['failed']}")
+      continue
     if not run["done"] or not run["records"]:
       unfinished.append(f"{run['run']}/seed{run['seed']}")
       continue
@@ -190,7 +193,8 @@ def methods_report(root: str) -> dict:
     verdict, mean, se = _verdict(diffs, rule)
     claims.append({"claim": text, "verdict": verdict, "mean": mean, "se": se,
                    "seeds": seeds})
-  return {"root": root, "rows": rows, "claims": claims, "unfinished": unfinished}
+  return {"root": root, "rows": rows, "claims": claims, "unfinished": unfinished,
+          "failed": failed}
 
 
 def _pm(mean_std) -> str:
@@ -220,6 +224,9 @@ def methods_markdown(report: dict) -> str:
                  f"{','.join(map(str, c['seeds'])) or '-'} |")
   if report["unfinished"]:
     lines += ["", "Unfinished (not counted): " + ", ".join(report["unfinished"])]
+  if report.get("failed"):
+    lines += ["", "Failed (not counted; the sweep's FAILED file holds the error):", ""]
+    lines += [f"- {f}" for f in report["failed"]]
   return "\n".join(lines) + "\n"
 
 

@@ -61,6 +61,13 @@ def test_methods_report_selects_and_pairs_seeds(tmp_path):
   assert "| pre-trained | ERM | 0,1,2 | 80.0 ± 0.0 | 55.0 ± 5.0 | 85.0 ± 0.0 | 45.0 ± 5.0 |" in md
   assert "Unfinished (not counted): pre-jtt/seed0" in md
   assert math.isnan(rows[("scratch", "erm")]["no_gp_worst"][0])
+  # A run that failed (the sweep's FAILED, e.g. diverged) is listed with its error, not counted.
+  (tmp_path / "pre-jtt" / "seed0" / "FAILED").write_text("exit status 1; error: non-finite\n")
+  rep = report_lib.write_methods(str(tmp_path), str(tmp_path / "out"), figure=False)
+  assert rep["failed"] == ["pre-jtt/seed0: exit status 1; error: non-finite"]
+  assert rep["unfinished"] == []
+  assert "- pre-jtt/seed0: exit status 1; error: non-finite" in (
+      tmp_path / "out" / "methods.md").read_text()
 
 
 def test_methods_report_missing_root(tmp_path, capsys):
