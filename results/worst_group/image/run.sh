@@ -1,8 +1,9 @@
 #!/bin/bash
 # Spurious-CIFAR (issue 14): the auxiliary task's pre-training (once), then every method of the
 # worst-group paper at its default configuration, pre-trained and from scratch: variant A seed
-# 0, variant B's ERM and MTL at seed 0, the ERM lr check, variant A seeds 1-4 (the claims'
-# runs first), the one-seed (alpha_aux, alpha_reg) grid, then variant B. Niced; resumable
+# 0, variant B's ERM and MTL at seed 0, the ERM lr check, variant A seeds 1-4 of the runs the
+# claims read, the one-seed (alpha_aux, alpha_reg) grid, variant B's ERM and MTL seeds 1-4, the
+# rest of variant A's from-scratch controls, then the rest of variant B. Niced; resumable
 # (finished runs are skipped, unfinished ones resume from their last checkpoint).
 #   bash results/worst_group/image/run.sh start   # in the background (log: workdirs/worst_group_image/lane.log)
 #   bash results/worst_group/image/run.sh start w2 w3  # more lanes through the same list, side by
@@ -26,12 +27,14 @@ lane() {  # $1: the lane's name; lane w pre-trains, the others need its finished
   G="nice -n 19 python -m experiments.sweep --sweep=worst_group_image --root=$W/A/grid --seeds=0"
   $G --only='^erm-lr'  # the lr check: ERM at 0.003 / 0.01 / 0.03, pre-trained
   # seeds 1-4 of the runs the claims read (4-8: every pre-trained method; 7: scratch ERM, MTL,
-  # JTT), seeds 1-2 first; then the rest of the from-scratch controls
+  # JTT), seeds 1-2 first
   K='^(pre-.*|scratch-(erm|mtl|jtt_stage1|jtt))$'
   $S --root=$W/A/methods --seeds=1,2 --only="$K"
   $S --root=$W/A/methods --seeds=3,4 --only="$K"
-  $S --root=$W/A/methods --seeds=1,2,3,4
   $G  # the one-seed (alpha_aux, alpha_reg) grid, ablations, group DRO eta 0.01 (claim 9)
+  # claim 10's variant B: pre-trained ERM and MTL, seeds 1-4
+  $S --root=$W/B/methods --seeds=1,2,3,4 --only='^pre-(erm|mtl)$' --bindings="VARIANT = 'B'"
+  $S --root=$W/A/methods --seeds=1,2,3,4  # the rest of the from-scratch controls
   $S --root=$W/B/methods --seeds=0,1,2,3,4 --bindings="VARIANT = 'B'"
 }
 
