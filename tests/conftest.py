@@ -40,6 +40,20 @@ def pytest_sessionfinish(session):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+#: The modules that take longest (a full run's ``--durations``), longest first. They are
+#: collected first, so that pytest-xdist's ``loadscope`` scheduler, which deals modules to the
+#: workers in collection order, spreads them over the workers instead of leaving one to the end.
+SLOW_MODULES = ("test_multiprocess.py", "test_lm_experiment.py", "test_bad_input.py",
+                "test_benchmark.py", "test_synthetic.py", "test_faults.py", "test_sharding.py",
+                "test_worst_group_image.py", "test_image_experiment.py", "test_litmus.py")
+
+
+def pytest_collection_modifyitems(items):
+  """Longest-first order of the slow modules (stable: tests keep their order in a module)."""
+  rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))
+
+
 @pytest.fixture(autouse=True)
 def clean_gin():
   """Every test starts and ends with an empty gin config (bindings never leak between tests)."""

@@ -90,11 +90,10 @@ def test_sweep_of_a_sample_then_the_report(tmp_path, image_folder):
   wd = root / "rlw+cagrad" / "seed1"
   (wd / "DONE").unlink()
   (wd / "FAILED").write_text("exit status 1; error: FloatingPointError: non-finite loss\n")
-  litmus_report.write_outputs(str(root), str(out))
-  rep = json.loads((out / "report.json").read_text())
+  rep = litmus_report.build_report(str(root), tail=2)
   assert rep["rows"]["rlw+cagrad"]["seeds"] == [0]
   assert rep["rows"]["rlw+cagrad"]["failed_seeds"] == [1]
-  md = (out / "report.md").read_text()
+  md = litmus_report.markdown(rep)
   assert "| RLW + CAGrad | 1 (+1 failed) |" in md
   assert "- RLW + CAGrad, seed 1 (last evaluation at step 3): exit status 1; error: " \
          "FloatingPointError: non-finite loss" in md

@@ -128,10 +128,10 @@ def test_a_failed_run_is_recorded_and_skipped_until_retried(tmp_path, gin_config
   assert res == {"avg/seed0": "failed"} and "failed before, skipped" in lines[0]
   assert sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", dry_run=True,
                          say=lines.append) == {"avg/seed0": "failed"}
-  lines.clear()
+  lines.clear()  # retried: resumed (and here failed again, with nothing trained)
   res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", in_process=True,
-                        extra_bindings=STEPS, retry_failed=True, say=lines.append)
-  assert res == {"avg/seed0": "done"} and sweep.failed_error(wd) is None
+                        extra_bindings=bad, retry_failed=True, say=lines.append)
+  assert res == {"avg/seed0": "failed"} and "resuming" in lines[0] and "FAILED" in lines[1]
 
 
 def test_sweep_command_line_runs_a_subprocess(tmp_path):
