@@ -448,12 +448,22 @@ def _held_elsewhere(workdir: str) -> bool:
   return False
 
 
-def _skipped_done(head: str, workdir: str, cmd_str: str) -> str:
-  with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
-    same = f.read().strip() == cmd_str
-  return (f"{head}: skipped (DONE)"
-          f"{'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
-          f"{_summary(_last_record(workdir))}")
+def _ended(head: str, workdir: str, cmd_str: str, retry_failed: bool,
+           say: Callable[[str], None]) -> Optional[str]:
+  """``'skipped'`` for a finished run, ``'failed'`` for a failed one not to be retried (each
+  said in one line); None for a run to train."""
+  status = _status(workdir)
+  if status == "done":
+    with open(os.path.join(workdir, "DONE"), encoding="utf-8") as f:
+      same = f.read().strip() == cmd_str
+    say(f"{head}: skipped (DONE)"
+        f"{'' if same else ' [DONE holds a different command; delete DONE to rerun]'}"
+        f"{_summary(_last_record(workdir))}")
+    return "skipped"
+  if status == "failed" and not retry_failed:
+    say(f"{head}: failed before, skipped ({failed_error(workdir)}; --retry_failed resumes it)")
+    return "failed"
+  return None
 
 
 def _last_record(workdir: str) -> Optional[dict]:
@@ -528,13 +538,9 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       say(f"{head}: {status}{_summary(_last_record(workdir))}\n    {cmd_str}")
       results[key] = status
       continue
-    if status == "done":
-      say(_skipped_done(head, workdir, cmd_str))
-      results[key] = "skipped"
-      continue
-    if status == "failed" and not retry_failed:
-      say(f"{head}: failed before, skipped ({failed_error(workdir)}; --retry_failed resumes it)")
-      results[key] = "failed"
+    ended = _ended(head, workdir, cmd_str, retry_failed, say)
+    if ended:
+      results[key] = ended
       continue
     waiting = [f"{a}/seed{seed}" for a in run.after
                if _status(os.path.join(root, a, f"seed{seed}")) != "done"]
@@ -549,14 +555,10 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
       results[key] = "running"
       continue
     try:
-      status = _status(workdir)  # another process may have ended it before we claimed it
-      if status == "done":
-        say(_skipped_done(head, workdir, cmd_str))
-        results[key] = "skipped"
-        continue
-      if status == "failed" and not retry_failed:
-        say(f"{head}: failed in another sweep process ({failed_error(workdir)})")
-        results[key] = "failed"
+      # Another sweep process may have ended the run before we claimed it.
+      ended = _ended(head, workdir, cmd_str, retry_failed, say)
+      if ended:
+        results[key] = ended
         continue
       results[key] = _run_one(run, seed, workdir, bindings, cmd_str, head, in_process, say)
     finally:
