@@ -85,7 +85,7 @@ def build_report(root: str, tail: int = regime_report.TAIL) -> dict:
   per = {}  # run name -> seed -> tail metrics (+ wall clock)
   failed = {}  # run name -> seed -> (last step evaluated, error line): failures are results
   for r in runs:
-    if r["failed"] is not None and not r["done"]:
+    if r["failed"] is not None:
       last = r["records"][-1]["step"] if r["records"] else 0
       failed.setdefault(r["run"], {})[r["seed"]] = {"last_eval_step": last, "error": r["failed"]}
     t = regime_report.tail_metrics(r["records"], tail)

@@ -159,7 +159,8 @@ def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
 
 def load_runs(root: str) -> list[dict]:
   """Every ``<root>/<run>/seed<k>`` with its run.json fields, records, DONE flag and, for a
-  run that failed (e.g. diverged), its error line (``failed``; None otherwise)."""
+  run that failed and was not finished since (e.g. diverged), its error line (``failed``;
+  None otherwise)."""
   if not os.path.isdir(root):
     raise FileNotFoundError(f"sweep root not found: {root!r}")
   runs = []
@@ -175,7 +176,8 @@ def load_runs(root: str) -> list[dict]:
     records = metrics_io.read_metrics(os.path.join(dirpath, "metrics.jsonl"))
     runs.append({"run": name, "method": info.get("method") or name.split("-", 1)[0],
                  "seed": int(m.group(1)), "done": "DONE" in filenames, "dir": dirpath,
-                 "failed": sweep.failed_error(dirpath) if "FAILED" in filenames else None,
+                 "failed": (sweep.failed_error(dirpath)
+                            if "FAILED" in filenames and "DONE" not in filenames else None),
                  "records": [r for r in records if "avg_accuracy" in r]})
   if not runs:
     raise FileNotFoundError(f"no <run>/seed<k>/metrics.jsonl under {root!r}")

@@ -164,7 +164,7 @@ def methods_report(root: str) -> dict:
     regime, _, method = run["run"].partition("-")
     if regime not in REGIMES or method not in METHODS:
       continue  # e.g. JTT's stage 1
-    if run["failed"] is not None and not run["done"]:  # a result too (e.g. diverged)
+    if run["failed"] is not None:  # a result too (e.g. diverged)
       failed.append(f"{run['run']}/seed{run['seed']}: {run['failed']}")
       continue
     if not run["done"] or not run["records"]:
