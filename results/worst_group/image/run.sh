@@ -1,9 +1,10 @@
 #!/bin/bash
 # Spurious-CIFAR (issue 14): the auxiliary task's pre-training (once), then every method of the
 # worst-group paper at its default configuration, pre-trained and from scratch: variant A seed
-# 0, variant B's ERM and MTL at seed 0, the ERM lr check, variant A seeds 1-4 of the runs the
-# claims read, the one-seed (alpha_aux, alpha_reg) grid, variant B's ERM and MTL seeds 1-4, the
-# rest of variant A's from-scratch controls, then the rest of variant B. Niced; resumable
+# 0, variant B's ERM and MTL at seed 0, the ERM lr check, variant A seeds 1-2 of the runs the
+# claims read (and seeds 3-4 of JTT and +aux only), the one-seed (alpha_aux, alpha_reg) grid,
+# variant B's ERM and MTL seeds 1-4, seeds 3-4 of the other claim runs, the rest of variant A's
+# from-scratch controls, then the rest of variant B. Niced; resumable
 # (finished runs are skipped, unfinished ones resume from their last checkpoint).
 #   bash results/worst_group/image/run.sh start   # in the background (log: workdirs/worst_group_image/lane.log)
 #   bash results/worst_group/image/run.sh start w2 w3  # more lanes through the same list, side by
@@ -30,10 +31,12 @@ lane() {  # $1: the lane's name; lane w pre-trains, the others need its finished
   # JTT), seeds 1-2 first
   K='^(pre-.*|scratch-(erm|mtl|jtt_stage1|jtt))$'
   $S --root=$W/A/methods --seeds=1,2 --only="$K"
-  $S --root=$W/A/methods --seeds=3,4 --only="$K"
+  # seeds 3-4: JTT and +aux only first (claims 4 and 6), the rest after the grid and variant B
+  $S --root=$W/A/methods --seeds=3,4 --only='^pre-(jtt_stage1|jtt|aux_only)$'
   $G  # the one-seed (alpha_aux, alpha_reg) grid, ablations, group DRO eta 0.01 (claim 9)
   # claim 10's variant B: pre-trained ERM and MTL, seeds 1-4
   $S --root=$W/B/methods --seeds=1,2,3,4 --only='^pre-(erm|mtl)$' --bindings="VARIANT = 'B'"
+  $S --root=$W/A/methods --seeds=3,4 --only="$K"
   $S --root=$W/A/methods --seeds=1,2,3,4  # the rest of the from-scratch controls
   $S --root=$W/B/methods --seeds=0,1,2,3,4 --bindings="VARIANT = 'B'"
 }
