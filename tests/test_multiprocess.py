@@ -186,11 +186,12 @@ def _image_experiment(image_dir, steps, mesh_shape=MESH):
   return image.ImageClassificationExperiment()
 
 
-def _lm_experiment(corpus, **kw):
+def _lm_experiment(corpus, cache_dir, **kw):
+  """The tiny LM; its packed rows are cached (shared by the processes and the reference)."""
   from experiments.families import lm  # pylint: disable=g-import-not-at-top
   return lm.LanguageModelingExperiment(languages=list(LM_WORDS), data_dir=str(corpus),
                                        sequence_length=LM_L, eval_rows=5, eval_batch_size=2,
-                                       cache_dir=None, **kw)
+                                       cache_dir=str(cache_dir), **kw)
 
 
 def _write_image_folder(root):
@@ -261,7 +262,7 @@ def _worker(cfg):
     lm = {}
     for name, kw in (("stratified", dict(rows_per_language=2)),
                      ("mixture", dict(rows_per_language=2, alpha=0.3, batch_size=4))):
-      exp = _lm_experiment(cfg["corpus"], **kw)
+      exp = _lm_experiment(cfg["corpus"], cfg["lm_cache"], **kw)
       grouped = exp.alpha is None
       prefix = exp.train_batch_prefix()
       block = sharding.process_block(prefix, mesh, grouped)
@@ -337,7 +338,8 @@ def per_host_run(tmp_path_factory):
   images_lib.load_imagefolder_pair_tasks(image_dir, [tuple(p) for p in IMG_PAIRS],
                                          cache_dir=cache / "ldro" / "imagefolder")
   cfg = {"image_dir": str(image_dir), "corpus": str(corpus), "out": str(out),
-         "workdir_a": str(tmp / "img_a"), "workdir_b": str(tmp / "img_b")}
+         "workdir_a": str(tmp / "img_a"), "workdir_b": str(tmp / "img_b"),
+         "lm_cache": str(tmp / "lm_cache")}
   port = _free_port()
   # The decoded-images cache, and a compilation cache: the second run and the resumed
   # launch reuse the first run's executables (the runs' programs are identical).
@@ -385,7 +387,7 @@ def _per_host_references(cfg, cache, tmp):
   lm = {}
   for name, kw in (("stratified", dict(rows_per_language=2)),
                    ("mixture", dict(rows_per_language=2, alpha=0.3, batch_size=4))):
-    e = _lm_experiment(cfg["corpus"], input_shards=2, **kw)
+    e = _lm_experiment(cfg["corpus"], cfg["lm_cache"], input_shards=2, **kw)
     lm[name] = {"batches": [e.train_batch(s) for s in range(3)]}
     if name == "stratified":
       lm[name]["eval"] = e.evaluate(e.init_params(jax.random.PRNGKey(0)))

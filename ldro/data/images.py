@@ -28,11 +28,11 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from ldro.data import npz_files
 from ldro.data import streams
 
 __all__ = [
@@ -387,17 +387,7 @@ def load_imagefolder_pair_tasks(
   else:
     class_names, arrays = _decode_image_folder(image_dir, splits)
     if cache_path is not None:
-      cache_path.parent.mkdir(parents=True, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=cache_path.parent, suffix=".npz.tmp")
-      try:
-        with os.fdopen(fd, "wb") as f:
-          np.savez(f, class_names=np.asarray(class_names), **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates files readable by owner only.
-        os.replace(tmp, cache_path)
-      except BaseException:
-        if os.path.exists(tmp):
-          os.remove(tmp)
-        raise
+      npz_files.atomic_savez(cache_path, class_names=np.asarray(class_names), **arrays)
   if class_names != available:  # Sanity check of the label-id convention.
     raise ValueError(f"ImageFolder classes {class_names} differ from the "
                      f"class folders {available} of {str(image_dir)!r}.")
