@@ -58,8 +58,15 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False,
 
 DEFAULT_CONFIG = "gin_configs/synthetic/ldro.gin"
 
+# What bad input raises (the library, the experiments, the data, gin): one line each.
+BAD_INPUT_ERRORS = (ValueError, KeyError, TypeError, OSError, FloatingPointError,
+                    NotImplementedError)
 
 
+def error_line(e: BaseException) -> str:
+  """The one stderr line ``main`` prints for a bad-input error: its type and first line."""
+  first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+  return f"error: {type(e).__name__}: {first}"
 
 
 def run_from_flags(argv: Sequence[str]) -> None:
@@ -131,10 +138,8 @@ def main(argv: Sequence[str]) -> None:
     _exit_with_line(f"interrupted ({interrupts.signal_name(signum)}) before training started; "
                     f"nothing was written by this call; re-run the same command to start (or resume).",
                     interrupts.EXIT_STATUS.get(signum, 130))
-  except (ValueError, KeyError, TypeError, OSError, FloatingPointError,
-          NotImplementedError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    _exit_with_line(f"error: {type(e).__name__}: {first}", 1)
+  except BAD_INPUT_ERRORS as e:
+    _exit_with_line(error_line(e), 1)
 
 
 def _exit_with_line(line: str, status: int) -> None:

@@ -10,10 +10,10 @@ error, a workdir written with another config. The library raises
 ``ValueError`` naming the problem for shape mismatches; the language-data
 pipeline names the language of an empty file.
 
-Values (the runner's, the experiments', the optimizer's, the method's) are
-checked in this process where the message is the point (``run_inprocess``:
-the CLI prints the first line of the same exception); a few go through the
-CLI to check the one line itself. Resumed workdirs, damaged run files and
+Most cases run in this process, where the message is the point
+(``inprocess_error_line``: the line the CLI prints for the exception,
+``experiments.train.error_line``); a few go through the CLI to check the one
+line itself (exit status, nothing else on stderr). Resumed workdirs, damaged run files and
 Ctrl-C are in ``tests/test_interrupts.py`` and below.
 
 Runs that import TensorFlow (the image and language-modelling data) also get
@@ -74,23 +74,46 @@ def stderr_lines(proc):
           if l.strip() and not NATIVE_LOG.match(l) and not NATIVE_MORE.match(l)]
 
 
-def assert_one_error_line(proc, *needles):
-  lines = stderr_lines(proc)
-  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-  assert len(lines) == 1, "expected one stderr line, got:\n" + proc.stderr[-3000:]
-  line = lines[0]
+def assert_error_line(line, *needles):
   assert line.startswith("error: "), line
   for needle in needles:
     assert needle in line, (needle, line)
   return line
 
 
+def assert_one_error_line(proc, *needles):
+  """The CLI exited with status 1 and printed one stderr line naming the problem."""
+  lines = stderr_lines(proc)
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+  assert len(lines) == 1, "expected one stderr line, got:\n" + proc.stderr[-3000:]
+  return assert_error_line(lines[0], *needles)
+
+
+def inprocess_error_line(workdir, *bindings, needles=(), **kwargs):
+  """The line the CLI would print (``train.error_line``), from a run in this process."""
+  with pytest.raises(train_lib.BAD_INPUT_ERRORS) as info:
+    run_inprocess(workdir, *bindings, **kwargs)
+  return assert_error_line(train_lib.error_line(info.value), *needles)
+
+
 # The synthetic config (the default) with 3 steps: these fail before training.
 STEPS = "train_and_evaluate.num_steps=3"
 
 
+# Through the CLI: the one line itself (exit status, nothing else on stderr).
 @pytest.mark.parametrize("bindings,needles", [
     (["method.name='nope'"], ["ValueError", "unknown method 'nope'", "known methods", "ldro"]),
+    (["train_and_evaluate.num_steps="], ["cannot parse", "train_and_evaluate.num_steps="]),
+    # One of the value checks (all of them: test_bad_value_names_its_binding).
+    (["optax.sgd.learning_rate='fast'"], ["optax.sgd.learning_rate", "'fast'"]),
+], ids=["unknown_method", "gin_syntax", "optimizer_lr_type"])
+def test_runner_one_line(tmp_path, bindings, needles):
+  proc = run_train(str(tmp_path / "w"), STEPS, *bindings)
+  assert_one_error_line(proc, *needles)
+
+
+# In this process: the line the CLI would print names the problem.
+@pytest.mark.parametrize("bindings,needles", [
     (["method.hparams={'num_tasks': 5, 'lookahead_lr': 0.1, 'weight_lr': 0.1}"],
      ["num_tasks=5", "11 tasks"]),
     (["method.name='baselined_dro'", "method.hparams={'weight_lr': 0.1}",
@@ -100,21 +123,16 @@ STEPS = "train_and_evaluate.num_steps=3"
     (["SyntheticExperiment.nonexistent=1"], ["SyntheticExperiment", "nonexistent"]),
     (["no_such_function.x=1"], ["no_such_function"]),
     (["method.hparams={'lookahead_lr': 0.1, 'bogus': 1}"], ["'ldro'", "bogus"]),
-    (["train_and_evaluate.num_steps="], ["cannot parse", "train_and_evaluate.num_steps="]),
     (["train_and_evaluate.nonfinite='ignore'"], ["nonfinite", "'ignore'"]),
-    # One of the value checks through the CLI (all of them: test_bad_value_names_its_binding).
-    (["optax.sgd.learning_rate='fast'"], ["optax.sgd.learning_rate", "'fast'"]),
-], ids=["unknown_method", "task_count", "task_count_baselines", "unknown_param", "unknown_param_experiment",
-        "unknown_configurable", "unknown_method_hparam", "gin_syntax", "bad_policy",
-        "optimizer_lr_type"])
-def test_runner_one_line(tmp_path, bindings, needles):
-  proc = run_train(str(tmp_path / "w"), STEPS, *bindings)
-  assert_one_error_line(proc, *needles)
+], ids=["task_count", "task_count_baselines", "unknown_param", "unknown_param_experiment",
+        "unknown_configurable", "unknown_method_hparam", "bad_policy"])
+def test_runner_error_line(tmp_path, bindings, needles):
+  inprocess_error_line(tmp_path / "w", STEPS, *bindings, needles=needles)
 
 
 def test_missing_gin_file(tmp_path):
-  proc = run_train(str(tmp_path / "w"), gin_file=str(tmp_path / "nope.gin"))
-  assert_one_error_line(proc, "FileNotFoundError", "nope.gin")
+  inprocess_error_line(tmp_path / "w", gin_file=str(tmp_path / "nope.gin"),
+                       needles=["FileNotFoundError", "nope.gin"])
 
 
 def test_workdir_of_another_config(tmp_path):
@@ -123,10 +141,10 @@ def test_workdir_of_another_config(tmp_path):
   run_inprocess(wd, "train_and_evaluate.num_steps=2")
   with open(os.path.join(wd, "run_config.json")) as f:
     record = f.read()
-  proc = run_train(wd, "train_and_evaluate.num_steps=4", "SyntheticExperiment.num_cluster=4",
-                   flags=["--allow_config_change"])
-  assert_one_error_line(proc, "no checkpoint", "another config",
-                        "is not compatible with the stored shape")
+  inprocess_error_line(wd, "train_and_evaluate.num_steps=4", "SyntheticExperiment.num_cluster=4",
+                       allow_config_change=True,
+                       needles=["no checkpoint", "another config",
+                                "is not compatible with the stored shape"])
   assert os.path.isdir(os.path.join(wd, "checkpoints", "2"))  # nothing moved or deleted
   with open(os.path.join(wd, "run_config.json")) as f:
     assert f.read() == record  # a run that failed changes no record
@@ -150,9 +168,13 @@ def test_image_data_dir(tmp_path, layout, needles):
     for split in ("train", "test"):
       (data / split / "cat").mkdir(parents=True)
       (data / split / "cat" / name).write_text("not an image")
-  proc = run_train(str(tmp_path / "w"), f"DATA_DIR='{data}'",
-                   gin_file=os.path.join(CIFAR_DIR, "ldro.gin"))
-  line = assert_one_error_line(proc, *needles)
+  gin_file = os.path.join(CIFAR_DIR, "ldro.gin")
+  if layout == "missing":  # through the CLI; the others in this process
+    line = assert_one_error_line(run_train(str(tmp_path / "w"), f"DATA_DIR='{data}'",
+                                           gin_file=gin_file), *needles)
+  else:
+    line = inprocess_error_line(tmp_path / "w", f"DATA_DIR='{data}'", gin_file=gin_file,
+                                needles=needles)
   assert str(data) in line
 
 
@@ -164,45 +186,34 @@ LM_CASES = {  # layout -> needles; languages en and yo
 }
 
 
-@pytest.fixture(scope="module")
-def lm_runs(tmp_path_factory):
-  """The CLI on each bad language-data layout, run in parallel (TensorFlow imports are slow)."""
-  pytest.importorskip("seqio")
-  tmp = tmp_path_factory.mktemp("lm_bad")
-  procs = {}
-  for layout in LM_CASES:
-    data = tmp / layout / "data"
-    if layout != "missing":
-      data.mkdir(parents=True)
-    if layout == "empty_language_file":
-      (data / "en.train.txt").write_text("hello world\n", encoding="utf-8")
-      (data / "en.test.txt").write_text("hello\n", encoding="utf-8")
-      (data / "yo.train.txt").write_text("\n  \n", encoding="utf-8")  # blank lines only
-      (data / "yo.test.txt").write_text("bawo ni\n", encoding="utf-8")
-    cmd = [sys.executable, "-m", "experiments.train", f"--workdir={tmp / layout / 'w'}",
-           f"--gin_file={os.path.join(LM_DIR, 'ldro.gin')}",
-           "--gin_bindings=LANGUAGES = ['en', 'yo']", f"--gin_bindings=DATA_DIR = '{data}'",
-           "--gin_bindings=CACHE_DIR = None", "--gin_bindings=NUM_STEPS = 2"]
-    procs[layout] = (subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True), data)
-  out = {}
-  try:
-    for layout, (p, data) in procs.items():
-      stdout, stderr = p.communicate(timeout=300)
-      out[layout] = (subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), data)
-  finally:
-    for p, _ in procs.values():
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  return out
+def _language_data(root, layout):
+  """A data folder for languages en and yo with the bad ``layout``."""
+  data = root / layout / "data"
+  if layout != "missing":
+    data.mkdir(parents=True)
+  if layout == "empty_language_file":
+    (data / "en.train.txt").write_text("hello world\n", encoding="utf-8")
+    (data / "en.test.txt").write_text("hello\n", encoding="utf-8")
+    (data / "yo.train.txt").write_text("\n  \n", encoding="utf-8")  # blank lines only
+    (data / "yo.test.txt").write_text("bawo ni\n", encoding="utf-8")
+  return data
 
 
 @pytest.mark.skipif(not os.path.isdir(LM_DIR), reason="no multilingual configs")
 @pytest.mark.parametrize("layout", list(LM_CASES))
-def test_language_data_dir(lm_runs, layout):
-  proc, data = lm_runs[layout]
-  line = assert_one_error_line(proc, *LM_CASES[layout])
+def test_language_data_dir(tmp_path, layout):
+  """The empty file through the CLI (TensorFlow's log lines are not ours); the others here."""
+  pytest.importorskip("seqio")
+  data = _language_data(tmp_path, layout)
+  bindings = ["LANGUAGES = ['en', 'yo']", f"DATA_DIR = '{data}'", "CACHE_DIR = None",
+              "NUM_STEPS = 2"]
+  gin_file = os.path.join(LM_DIR, "ldro.gin")
+  if layout == "empty_language_file":
+    line = assert_one_error_line(run_train(str(tmp_path / "w"), *bindings, gin_file=gin_file),
+                                 *LM_CASES[layout])
+  else:
+    line = inprocess_error_line(tmp_path / "w", *bindings, gin_file=gin_file,
+                                needles=LM_CASES[layout])
   assert str(data) in line
 
 
@@ -290,12 +301,14 @@ def test_workdir_remembers_its_config(tmp_path):
   run_inprocess(wd, "train_and_evaluate.num_steps=2",
                 invocation={"gin_files": ["gin_configs/synthetic/ldro.gin"], "gin_bindings": []})
   config = (wd / "config.gin").read_text()
-  proc = run_train(str(wd), "train_and_evaluate.num_steps=4",
-                   gin_file="gin_configs/synthetic/ldro_exact.gin")
-  assert_one_error_line(proc, f"workdir {wd} was made with another config",
-                        "--gin_file=gin_configs/synthetic/ldro.gin",
-                        "this run: --gin_file=gin_configs/synthetic/ldro_exact.gin",
-                        "method.name: 'ldro' -> 'ldro_exact'", "--allow_config_change")
+  exact = "gin_configs/synthetic/ldro_exact.gin"
+  inprocess_error_line(wd, "train_and_evaluate.num_steps=4", gin_file=exact,
+                       invocation={"gin_files": [exact],
+                                   "gin_bindings": ["train_and_evaluate.num_steps=4"]},
+                       needles=[f"workdir {wd} was made with another config",
+                                "--gin_file=gin_configs/synthetic/ldro.gin",
+                                "this run: --gin_file=gin_configs/synthetic/ldro_exact.gin",
+                                "method.name: 'ldro' -> 'ldro_exact'", "--allow_config_change"])
   assert (wd / "config.gin").read_text() == config  # the record of what ran is kept
   assert sorted(os.listdir(wd / "checkpoints")) == ["2"]
 

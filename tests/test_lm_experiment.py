@@ -47,18 +47,25 @@ def corpus(tmp_path_factory):
   return d
 
 
-def _train(corpus, workdir, method_file, bindings):
+@pytest.fixture(scope="module")
+def rows_cache(tmp_path_factory):
+  """One packed-row cache for the module: the first experiment reads the corpus through
+  seqio, the others load its rows (the same tasks, L and splits)."""
+  return str(tmp_path_factory.mktemp("lm_rows_cache"))
+
+
+def _train(corpus, cache, workdir, method_file, bindings):
   gin.clear_config()
   train_lib.parse_gin(
       [f"gin_configs/multilingual/{method_file}"],
-      [f"LANGUAGES = {list(WORDS)!r}", f"DATA_DIR = {corpus!r}", "CACHE_DIR = None",
+      [f"LANGUAGES = {list(WORDS)!r}", f"DATA_DIR = {corpus!r}", f"CACHE_DIR = {cache!r}",
        f"SEQUENCE_LENGTH = {L}", "EVAL_ROWS = 3", "NUM_STEPS = 3", "EVAL_EVERY = 3",
        "WARMUP_STEPS = 1", "LanguageModelingExperiment.eval_batch_size = 8"] + bindings)
   return loop.train_and_evaluate(str(workdir), quiet=True)
 
 
-def test_ldro_lean_pairwise_trains(corpus, tmp_path):
-  recs = _train(corpus, tmp_path / "ldro", "ldro.gin", ["UPDATE_EVERY = 2"])
+def test_ldro_lean_pairwise_trains(corpus, rows_cache, tmp_path):
+  recs = _train(corpus, rows_cache, tmp_path / "ldro", "ldro.gin", ["UPDATE_EVERY = 2"])
   assert [r["step"] for r in recs] == [0, 3]
   last = recs[-1]
   assert len(last["task_perplexity"]) == 3 and len(last["test_task_perplexity"]) == 3
@@ -70,8 +77,8 @@ def test_ldro_lean_pairwise_trains(corpus, tmp_path):
   assert "'pairwise'" in cfg
 
 
-def test_static_mixing_plain_mode(corpus, tmp_path):
-  recs = _train(corpus, tmp_path / "mix", "static_alpha1.gin", [])
+def test_static_mixing_plain_mode(corpus, rows_cache, tmp_path):
+  recs = _train(corpus, rows_cache, tmp_path / "mix", "static_alpha1.gin", [])
   last = recs[-1]
   # Rates of the seqio mixture ~ |D_i| (en: 30 core + 60 Tatoeba lines).
   np.testing.assert_allclose(last["task_weights"], np.array([90, 30, 30]) / 150, rtol=1e-5)
@@ -79,11 +86,11 @@ def test_static_mixing_plain_mode(corpus, tmp_path):
   assert np.all(np.isfinite(losses)) and np.all(losses >= 0)
 
 
-def test_experiment_batches_and_losses(corpus):
+def test_experiment_batches_and_losses(corpus, rows_cache):
   import jax  # pylint: disable=g-import-not-at-top
   exp = lm_experiment.LanguageModelingExperiment(
       languages=list(WORDS), data_dir=corpus, sequence_length=L, rows_per_language=2,
-      eval_rows=2, alpha=0.0, batch_size=4)
+      eval_rows=2, alpha=0.0, batch_size=4, cache_dir=rows_cache)
   assert exp.task_sizes == [90.0, 30.0, 30.0]
   np.testing.assert_allclose(exp.sampling_rates, [1 / 3] * 3)
   b = exp.train_batch(0)
@@ -96,7 +103,7 @@ def test_experiment_batches_and_losses(corpus):
   np.testing.assert_allclose(aux["task_losses"][0], loss, rtol=1e-5)
   strat = lm_experiment.LanguageModelingExperiment(
       languages=list(WORDS), data_dir=corpus, sequence_length=L, rows_per_language=2,
-      eval_rows=2)
+      eval_rows=2, cache_dir=rows_cache)
   assert strat.sampling_rates is None
   assert strat.train_batch(5)["decoder_input_tokens"].shape == (3, 2, L)
 
