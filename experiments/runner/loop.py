@@ -319,6 +319,7 @@ def train_and_evaluate(
     t0, steps_since, train_metrics = time.perf_counter(), 0, None
     for step in range(start, num_steps):
       if stop.requested:
+        writer.sync()
         raise interrupted(stop.signum, mngr, state, num_steps)
       state, train_metrics = prog.step_fn(state, step_batch(exp, prog, step))
       steps_since += 1
@@ -338,6 +339,7 @@ def train_and_evaluate(
                             jax.device_get(train_metrics["task_losses"])))
         t0, steps_since = time.perf_counter(), 0
       if done % checkpoint_every == 0 or last:
+        writer.sync()  # the records up to this checkpoint, durable before it
         mngr.save(done, args=checkpoints.save_args(state))
   finally:
     stop.close()
