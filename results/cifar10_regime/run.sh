@@ -1,8 +1,9 @@
 #!/bin/bash
 # The CIFAR-10 regime study (issue 15), most informative runs first, in three lanes that run
-# side by side, niced (19) so that other work keeps the CPU (a niced process only takes what
-# the others leave, so a third lane adds throughput on a loaded machine). Resumable: re-running
-# this script skips finished runs (DONE) and resumes unfinished ones from their last checkpoint.
+# side by side, niced (19, process and session) so that other work keeps the CPU (a niced
+# process only takes what the others leave, so a third lane adds throughput on a loaded
+# machine). Resumable: re-running this script skips finished runs (DONE) and resumes
+# unfinished ones from their last checkpoint.
 #
 #   bash results/cifar10_regime/run.sh start    # start the lanes in the background (running ones are left alone)
 #   bash results/cifar10_regime/run.sh start a l  # only lanes a and l (l: the litmus test, issue 13)
@@ -62,10 +63,16 @@ case "${1:-start}" in
       echo $! > $W/lane_$lane.pid
       echo "lane $lane started (process group $!, log $W/lane_$lane.log)"
     done ;;
-  _lane_a) lane_a ;;
-  _lane_b) lane_b ;;
-  _lane_c) lane_c ;;
-  _lane_l*) lane_l ;;  # l, l2, l3, ...: side by side on lane l's list (a run trains in one of them)
+  _lane_*)
+    # nice ranks processes within one session only (autogroup scheduling, Linux's default):
+    # lower the whole lane session's priority too, or each lane takes a fair share of the CPU.
+    echo 19 > /proc/self/autogroup 2>/dev/null
+    case "$1" in
+      _lane_a) lane_a ;;
+      _lane_b) lane_b ;;
+      _lane_c) lane_c ;;
+      _lane_l*) lane_l ;;  # l, l2, l3, ...: side by side on lane l's list (a run trains in one of them)
+    esac ;;
   stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
          # exits, the sweep records the attempt's wall-clock; waits until they are gone.
     for pidf in $W/lane_*.pid; do
