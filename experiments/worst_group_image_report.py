@@ -335,14 +335,44 @@ def grid_markdown(rep: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_grid(root: str, out: str) -> dict:
-  """``grid.md`` and ``grid.json`` under ``out``."""
+def plot_grid(rep: dict, path: str) -> None:
+  """Claim 9 at a glance: test WGA over the 3 x 3 (alpha_aux, alpha_reg) grid, one heat map
+  per selection (Val-GP, No-GP), each cell labelled with its value."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  sels = [s for s in ("val_gp", "no_gp") if s in rep["claim9"]]
+  fig, axes = plt.subplots(1, len(sels), figsize=(5.0 * len(sels), 4.2), squeeze=False)
+  ticks = [f"$e^{{{k}}}$" for k in GRID_EXPS]
+  for ax, sel in zip(axes[0], sels):
+    c = rep["claim9"][sel]
+    w = np.array([[c["wga"][f"aux{a} reg{r}"] for r in GRID_EXPS] for a in GRID_EXPS])
+    im = ax.imshow(w, cmap="viridis", vmin=0, vmax=100, origin="lower")
+    for i, j in np.ndindex(w.shape):
+      ax.text(j, i, f"{w[i, j]:.1f}", ha="center", va="center",
+              color="white" if w[i, j] < 60 else "black")
+    ax.set_xticks(range(len(GRID_EXPS)), ticks)
+    ax.set_yticks(range(len(GRID_EXPS)), ticks)
+    ax.set_xlabel("alpha_reg (l1 on the shared activations)")
+    ax.set_title(f"{ {'val_gp': 'Val-GP', 'no_gp': 'No-GP'}[sel]}: test worst-group %\n"
+                 f"range over alpha_reg {c['range_over_alpha_reg']:.1f}, "
+                 f"over alpha_aux {c['range_over_alpha_aux']:.1f}", fontsize=9)
+  axes[0][0].set_ylabel("alpha_aux (reconstruction)")
+  fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def write_grid(root: str, out: str, figure: bool = True) -> dict:
+  """``grid.md`` and ``grid.json`` under ``out`` (and ``grid.png`` once the MTL grid is done)."""
   rep = grid_report(root)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "grid.json"), "w", encoding="utf-8") as f:
     json.dump(rep, f, indent=1)
   with open(os.path.join(out, "grid.md"), "w", encoding="utf-8") as f:
     f.write(grid_markdown(rep))
+  if figure and rep["claim9"]:
+    plot_grid(rep, os.path.join(out, "grid.png"))
   return rep
 
 

@@ -95,3 +95,4 @@ def test_grid_report_lr_check_and_claim9(tmp_path):
   md = (tmp_path / "out" / "grid.md").read_text()
   assert "more sensitive to alpha_reg" in md and "best: lr 0.01" in md
   assert json.loads((tmp_path / "out" / "grid.json").read_text())["claim9"]["val_gp"]
+  assert (tmp_path / "out" / "grid.png").stat().st_size > 0  # the heat maps
