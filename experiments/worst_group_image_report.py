@@ -260,17 +260,23 @@ def plot_methods(report: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _write_outputs(out: str, name: str, report: dict, markdown: str, plot=None) -> dict:
+  """``<name>.json`` and ``<name>.md`` under ``out``, and ``<name>.png`` if ``plot`` is given."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
+    f.write(markdown)
+  if plot is not None:
+    plot(report, os.path.join(out, f"{name}.png"))
+  return report
+
+
 def write_methods(root: str, out: str, figure: bool = True) -> dict:
   """``methods.md``, ``methods.json`` (and ``methods.png``) under ``out``."""
   report = methods_report(root)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "methods.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(out, "methods.md"), "w", encoding="utf-8") as f:
-    f.write(methods_markdown(report))
-  if figure:
-    plot_methods(report, os.path.join(out, "methods.png"))
-  return report
+  return _write_outputs(out, "methods", report, methods_markdown(report),
+                        plot_methods if figure else None)
 
 
 # ---------------------------------------------------------------- the one-seed grid
@@ -366,14 +372,8 @@ def plot_grid(rep: dict, path: str) -> None:
 def write_grid(root: str, out: str, figure: bool = True) -> dict:
   """``grid.md`` and ``grid.json`` under ``out`` (and ``grid.png`` once the MTL grid is done)."""
   rep = grid_report(root)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "grid.json"), "w", encoding="utf-8") as f:
-    json.dump(rep, f, indent=1)
-  with open(os.path.join(out, "grid.md"), "w", encoding="utf-8") as f:
-    f.write(grid_markdown(rep))
-  if figure and rep["claim9"]:
-    plot_grid(rep, os.path.join(out, "grid.png"))
-  return rep
+  return _write_outputs(out, "grid", rep, grid_markdown(rep),
+                        plot_grid if figure and rep["claim9"] else None)
 
 
 def main(argv) -> Optional[int]:
