@@ -10,6 +10,7 @@ import pytest
 
 from experiments import pareto
 from experiments import sweep
+from experiments import sync_runs
 from experiments.runner import loop
 from experiments.runner import paths
 from ldro import metrics as ldro_metrics
@@ -132,6 +133,25 @@ def test_a_failed_run_is_recorded_and_skipped_until_retried(tmp_path, gin_config
   res = sweep.run_sweep(RUNS, root, seeds=(0,), only="^avg$", in_process=True,
                         extra_bindings=bad, retry_failed=True, say=lines.append)
   assert res == {"avg/seed0": "failed"} and "resuming" in lines[0] and "FAILED" in lines[1]
+
+
+def test_sync_runs_copies_finished_and_failed_runs_only(tmp_path):
+  src, dst = tmp_path / "workdirs", tmp_path / "results"
+  for run, marker in (("a/seed0", "DONE"), ("b/seed1", "FAILED"), ("c/seed0", None)):
+    d = src / run
+    (d / "checkpoints" / "5").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"step": 0}\n')
+    (d / "train.log").write_text("log\n")
+    if marker:
+      (d / marker).write_text("cmd\n")
+  (dst / "a" / "seed0").mkdir(parents=True)
+  (dst / "a" / "seed0" / "FAILED").write_text("old\n")  # failed once, retried since
+  assert sync_runs.sync_runs(str(src), str(dst)) == ["a/seed0", "b/seed1"]
+  assert sorted(os.listdir(dst / "a" / "seed0")) == ["DONE", "metrics.jsonl"]
+  assert sorted(os.listdir(dst / "b" / "seed1")) == ["FAILED", "metrics.jsonl"]
+  assert not (dst / "c").exists()  # unfinished: not copied
+  with pytest.raises(FileNotFoundError, match="--src: directory not found"):
+    sync_runs.sync_runs(str(tmp_path / "nope"), str(dst))
 
 
 def test_sweep_command_line_runs_a_subprocess(tmp_path):
