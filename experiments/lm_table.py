@@ -15,6 +15,13 @@ DRO weight rates collapsed to the run with the best average validation loss,
 as for model selection -- then every run and the per-language perplexities),
 ``table1.json`` and ``per_language.png`` (per-language absolute and relative
 perplexity of every method).
+
+A sweep's root (``<run>/seed<k>/``, ``results/multilingual/run_seeds.sh``)
+gives Table 1 over seeds instead: mean ± std per run, the paper's claims as
+paired verdicts, each seed's table (``table1_seeds.md``, ``table1_seeds.json``)::
+
+    python -m experiments.lm_table --root=workdirs/multilingual_seeds/runs \
+        --mono=workdirs/multilingual_seeds/mono/baselines.json --out=results/multilingual/seeds
 """
 
 import json
@@ -118,17 +125,20 @@ def build_table(root: str, mono_path: Optional[str] = None, split: str = "test")
   Returns:
     ``{'languages', 'split', 'runs': [...], 'methods': [...], 'monolingual'}``.
   """
-  mono_path = mono_path or os.path.join(root, "mono", "baselines.json")
+  entries = [(name, os.path.join(root, name)) for name in sorted(os.listdir(root))
+             if name != "mono" and os.path.isfile(os.path.join(root, name, "metrics.jsonl"))]
+  return _build(entries, mono_path or os.path.join(root, "mono", "baselines.json"), split, root)
+
+
+def _build(entries: Sequence[tuple[str, str]], mono_path: str, split: str, where: str) -> dict:
+  """:func:`build_table` for the runs ``[(name, run_dir)]`` (``where`` names them in errors)."""
   mono_table = None
   if os.path.exists(mono_path):
     with open(mono_path, encoding="utf-8") as f:
       mono_table = json.load(f)["languages"]
   runs, languages = [], None
-  for name in sorted(os.listdir(root)):
-    run_dir = os.path.join(root, name)
+  for name, run_dir in entries:
     path = os.path.join(run_dir, "metrics.jsonl")
-    if name == "mono" or not os.path.isfile(path):
-      continue
     best = metrics_io.best_record(metrics_io.read_metrics(path))
     if best is None:
       continue
@@ -140,7 +150,7 @@ def build_table(root: str, mono_path: Optional[str] = None, split: str = "test")
       raise ValueError(f"run {name} has languages {langs}, others {languages}")
     runs.append((name, best))
   if not runs:
-    raise ValueError(f"no runs with metrics.jsonl under {root}")
+    raise ValueError(f"no runs with metrics.jsonl under {where}")
   n = len(runs[0][1]["task_loss"])
   if languages is None:  # no config.gin: take the monolingual table's order
     languages = list(mono_table)[:n] if mono_table and len(mono_table) >= n else [
@@ -280,14 +290,157 @@ def write_outputs(table: dict, out: str) -> None:
   plot(table, os.path.join(out, "per_language.png"))
 
 
+# ------------------------------------------------------------- several seeds
+
+KEYS = ("avg_perplexity", "worst_perplexity", "avg_relative", "worst_relative")
+# The paper's Table 1 claims (section 5.2.2) as (method, aggregate): the method has the
+# lowest value of the aggregate, tested against every other run, paired over seeds.
+CLAIMS = (("L-DRO", "avg_perplexity"), ("L-DRO", "avg_relative"),
+          ("DRO", "worst_perplexity"), ("Baselined-DRO", "worst_relative"))
+
+
+def seeds_of(root: str) -> list[int]:
+  """The seeds of a sweep root's runs (``<root>/<run>/seed<k>/metrics.jsonl``)."""
+  found = set()
+  for name in os.listdir(root):
+    run_dir = os.path.join(root, name)
+    if not os.path.isdir(run_dir):
+      continue
+    for sub in os.listdir(run_dir):
+      m = re.fullmatch(r"seed(\d+)", sub)
+      if m and os.path.isfile(os.path.join(run_dir, sub, "metrics.jsonl")):
+        found.add(int(m.group(1)))
+  return sorted(found)
+
+
+def build_seeded_table(root: str, mono_path: str, split: str = "test") -> dict:
+  """Table 1 over seeds: each seed's table (:func:`build_table`'s selection), mean and
+  standard deviation per run, and the paper's claims (:data:`CLAIMS`) as paired verdicts.
+
+  The verdict rule is the regime study's (:func:`experiments.regime_report.paired_verdict`):
+  for each other run X, the differences ``X - method`` over the seeds both have (lower is
+  better, so positive favours the method) hold if their mean exceeds twice its standard
+  error, do not hold below minus that, else are within noise.
+
+  Args:
+    root: a sweep's root (``<root>/<run>/seed<k>/metrics.jsonl``,
+      :mod:`experiments.sweep`).
+    mono_path: the monolingual baselines JSON (relative perplexity); left out if missing.
+    split: ``'test'`` or ``'validation'`` perplexities.
+
+  Returns:
+    ``{'languages', 'split', 'seeds', 'per_seed': {seed: table}, 'runs': [...], 'claims'}``;
+    a run row has ``'<key>'`` = mean, ``'<key>_std'`` and ``'seeds'``.
+  """
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  seeds = seeds_of(root)
+  if not seeds:
+    raise ValueError(f"no runs with <run>/seed<k>/metrics.jsonl under {root}")
+  per_seed = {}
+  for k in seeds:
+    entries = [(name, os.path.join(root, name, f"seed{k}")) for name in sorted(os.listdir(root))
+               if os.path.isfile(os.path.join(root, name, f"seed{k}", "metrics.jsonl"))]
+    per_seed[k] = _build(entries, mono_path, split, f"{root}/*/seed{k}")
+  languages = per_seed[seeds[0]]["languages"]
+  for k, t in per_seed.items():
+    if t["languages"] != languages:
+      raise ValueError(f"seed {k}'s runs have languages {t['languages']}, seed {seeds[0]}'s "
+                       f"{languages}")
+  by_run = {}  # run -> {seed: row}
+  for k, t in per_seed.items():
+    for row in t["runs"]:
+      by_run.setdefault(row["run"], {})[k] = row
+  rank = {m: i for i, m in enumerate(_ORDER)}
+  runs = []
+  for name, rows in by_run.items():
+    first = next(iter(rows.values()))
+    out = {"run": name, "method": first["method"], "label": first["label"],
+           "seeds": sorted(rows)}
+    for key in KEYS:
+      vals = [r[key] for r in rows.values() if r.get(key) is not None]
+      if vals:
+        out[key] = float(np.mean(vals))
+        out[f"{key}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+    runs.append(out)
+  runs.sort(key=lambda r: (rank.get(r["method"], len(_ORDER)), r["run"]))
+  claims = []
+  for method, key in CLAIMS:
+    for own in [r["run"] for r in runs if r["method"] == method]:
+      for other in by_run:
+        if other == own:
+          continue
+        common = sorted(set(by_run[own]) & set(by_run[other]))
+        diffs = [by_run[other][k][key] - by_run[own][k][key] for k in common
+                 if by_run[own][k].get(key) is not None]
+        if not diffs:
+          continue
+        verdict, mean, se = regime_report.paired_verdict(diffs)
+        claims.append({"method": method, "run": own, "key": key, "versus": other,
+                       "verdict": verdict, "mean": mean, "se": se, "seeds": common})
+  return {"languages": languages, "split": split, "seeds": seeds, "per_seed": per_seed,
+          "runs": runs, "claims": claims, "mono_path": mono_path
+          if os.path.exists(mono_path) else None}
+
+
+def _mean_std(r: dict, key: str) -> str:
+  if r.get(key) is None:
+    return "—"
+  std = r.get(f"{key}_std")
+  return f"{r[key]:.1f}" + ("" if std is None or np.isnan(std) else f" ± {std:.1f}")
+
+
+def seeded_markdown(table: dict) -> str:
+  """Table 1 (mean ± std over seeds), the claims' verdicts, then each seed's Table 1."""
+  lines = [f"## Table 1 over seeds {', '.join(map(str, table['seeds']))} ({table['split']} "
+           "split; per run and seed, the evaluation with the best average validation loss; "
+           "mean ± std over seeds)", "",
+           "| run | method | seeds | avg perplexity | worst perplexity | avg relative (%) | "
+           "worst relative (%) |", "|---|---|---|---:|---:|---:|---:|"]
+  for r in table["runs"]:
+    lines.append(f"| {r['run']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
+                 + " | ".join(_mean_std(r, k) for k in KEYS) + " |")
+  lines += ["", "## The paper's claims, paired over seeds", "",
+            "Difference = other run - claimed method (lower is better, so > 0 favours the "
+            "method); holds if the mean > 2 s.e., does not hold if < -2 s.e., else within "
+            "noise.", "", "| claim | versus | verdict | mean difference | s.e. | seeds |",
+            "|---|---|---|---:|---:|---|"]
+  for c in table["claims"]:
+    se = "—" if np.isnan(c["se"]) else f"{c['se']:.1f}"
+    lines.append(f"| {c['run']} has the lowest {c['key'].replace('_', ' ')} | {c['versus']} | "
+                 f"{c['verdict']} | {c['mean']:+.1f} | {se} | "
+                 f"{','.join(map(str, c['seeds']))} |")
+  for k, t in table["per_seed"].items():
+    lines += ["", f"# Seed {k}", "", to_markdown(t).split("## All runs")[0].strip()]
+  return "\n".join(lines) + "\n"
+
+
+def write_seeded_outputs(table: dict, out: str) -> None:
+  """``table1_seeds.md`` and ``table1_seeds.json`` under ``out``."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "table1_seeds.md"), "w", encoding="utf-8") as f:
+    f.write(seeded_markdown(table))
+  with open(os.path.join(out, "table1_seeds.json"), "w", encoding="utf-8") as f:
+    json.dump(table, f, indent=2, sort_keys=True, ensure_ascii=False)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  table = build_table(_FLAGS['root'].value, _FLAGS['mono'].value, _FLAGS['split'].value)
-  table["command"] = "python -m experiments.lm_table " + " ".join(sys.argv[1:])
-  write_outputs(table, _FLAGS['out'].value)
+  root, out = _FLAGS['root'].value, _FLAGS['out'].value
+  command = "python -m experiments.lm_table " + " ".join(sys.argv[1:])
+  if seeds_of(root):  # a sweep's root: <run>/seed<k>/
+    mono = _FLAGS['mono'].value or os.path.join(root, "mono", "baselines.json")
+    table = build_seeded_table(root, mono, _FLAGS['split'].value)
+    table["command"] = command
+    write_seeded_outputs(table, out)
+    print(seeded_markdown(table).split("# Seed")[0])
+    print(f"wrote {out}/table1_seeds.md, table1_seeds.json")
+    return
+  table = build_table(root, _FLAGS['mono'].value, _FLAGS['split'].value)
+  table["command"] = command
+  write_outputs(table, out)
   print(to_markdown(table).split("## All runs")[0])
-  print(f"wrote {_FLAGS['out'].value}/table1.md, table1.json, per_language.png")
+  print(f"wrote {out}/table1.md, table1.json, per_language.png")
 
 
 if __name__ == "__main__":

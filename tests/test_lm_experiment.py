@@ -202,6 +202,37 @@ def test_lm_table_on_fabricated_runs(tmp_path):
   assert data["languages"] == ["en", "yo"]
 
 
+def test_lm_table_over_seeds(tmp_path):
+  """A sweep's root (<run>/seed<k>/): mean ± std per run and paired claim verdicts."""
+  root = tmp_path / "runs"
+  # Validation = test losses (offset 0); L-DRO's average perplexity is below static mixing's
+  # at every seed by a margin that varies a little; DRO's worst is above L-DRO's.
+  for k, jitter in enumerate((0.0, 0.05, -0.03)):
+    _fake_run(str(root), f"static_alpha0/seed{k}", [(0, [1.5 + jitter, 2.0])], 0.0)
+    _fake_run(str(root), f"ldro_lam0.1/seed{k}", [(0, [1.0 + jitter, 2.0 + jitter])], 0.0)
+    if k < 2:  # DRO has two seeds only
+      _fake_run(str(root), f"dro_lr1e-4/seed{k}", [(0, [1.0, 2.5])], 0.0)
+  assert lm_table.seeds_of(str(root)) == [0, 1, 2]
+  table = lm_table.build_seeded_table(str(root), str(tmp_path / "no_mono.json"))
+  runs = {r["run"]: r for r in table["runs"]}
+  want = [np.mean(np.exp([1.0 + j, 2.0 + j])) for j in (0.0, 0.05, -0.03)]
+  assert runs["ldro_lam0.1"]["seeds"] == [0, 1, 2] and runs["dro_lr1e-4"]["seeds"] == [0, 1]
+  np.testing.assert_allclose([runs["ldro_lam0.1"]["avg_perplexity"],
+                              runs["ldro_lam0.1"]["avg_perplexity_std"]],
+                             [np.mean(want), np.std(want, ddof=1)])
+  assert "avg_relative" not in runs["ldro_lam0.1"]  # no monolingual baselines
+  claims = {(c["run"], c["key"], c["versus"]): c for c in table["claims"]}
+  c = claims[("ldro_lam0.1", "avg_perplexity", "static_alpha0")]
+  assert c["verdict"] == "holds" and c["seeds"] == [0, 1, 2] and c["mean"] > 0
+  c = claims[("dro_lr1e-4", "worst_perplexity", "ldro_lam0.1")]  # DRO's worst is higher
+  assert c["verdict"] == "does not hold" and c["seeds"] == [0, 1]
+  lm_table.write_seeded_outputs(table, str(tmp_path / "out"))
+  md = (tmp_path / "out" / "table1_seeds.md").read_text(encoding="utf-8")
+  assert "| ldro_lam0.1 | L-DRO (lam0.1) | 0,1,2 |" in md and "# Seed 2" in md
+  with pytest.raises(ValueError, match="no runs with <run>/seed<k>/metrics.jsonl"):
+    lm_table.build_seeded_table(str(tmp_path / "out"), "none.json")
+
+
 def test_mc4_source_with_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):

@@ -5,6 +5,7 @@
 #   bash results/multilingual/run_seeds.sh       # ~3 h on 2 CPU cores (5 runs x 3 seeds + 8 monolingual)
 #
 # Resumable: the monolingual models and the sweep skip finished runs and resume the others.
+# Writes results/multilingual/seeds/table1_seeds.md (experiments/lm_table.py, several seeds).
 set -euo pipefail
 ROOT=${ROOT:-workdirs/multilingual_seeds}
 G=gin_configs/multilingual
@@ -18,3 +19,6 @@ for seeds in 0 1,2; do
   $HEAVY python -m experiments.sweep --sweep=multilingual_seeds --root="$ROOT/runs" \
       --seeds=$seeds --bindings="BASELINES = '$ROOT/mono/baselines.json'"
 done
+# 3. Table 1 over the seeds: mean ± std per run, the paper's claims as paired verdicts.
+python -m experiments.lm_table --root="$ROOT/runs" --mono="$ROOT/mono/baselines.json" \
+    --out=results/multilingual/seeds
