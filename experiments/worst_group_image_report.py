@@ -18,6 +18,12 @@ alpha_aux and alpha_reg)::
     python -m experiments.worst_group_image_report --grid_root=results/worst_group/image/A/grid \
         --out=results/worst_group/image/A
 
+Claim 10 across the cue variants (the flip-rate reduction of reg. MTL over ERM, A against B)::
+
+    python -m experiments.worst_group_image_report \
+        --claim10=A=results/worst_group/image/A/methods,B=results/worst_group/image/B/methods \
+        --out=results/worst_group/image
+
 Each run directory holds ``metrics.jsonl`` (a runner workdir or its copy under ``results/``).
 Selection over the evaluations after step 0 (one per epoch): Val-GP = the best validation
 worst-group accuracy, No-GP = the best validation pooled average (ties: the earliest). Test
@@ -129,8 +135,8 @@ CLAIMS = tuple(
         "jtt", "mtl", ">"),
        ("pre-training helps reg. MTL's WGA, no_gp (pre - scratch; claim 7's flip side)",
         "pre|scratch", "no_gp", "worst", "mtl", "mtl", ">"),
-       ("reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, variant A)", "pre",
-        "final", "flip", "erm", "mtl", ">"),
+       ("reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, this variant)",
+        "pre", "final", "flip", "erm", "mtl", ">"),
        # Claim 8: what the validation group labels are worth (the paper: about 5-15 points).
        *[(f"group labels for model selection lift {LABELS[m]}'s WGA: val_gp - no_gp, "
           "pre-trained (claim 8: by 5-15 points)", "pre", "val_gp|no_gp", "worst", m, m, ">")
@@ -154,11 +160,10 @@ def _verdict(diffs, rule):
   return verdict, mean, se
 
 
-def methods_report(root: str) -> dict:
-  """Per (regime, method, seed) the selected test metrics; per (regime, method) mean and std
-  over seeds; the claims with paired verdicts (seeds pair runs with the same data and cue)."""
+def _cells(root: str) -> tuple[dict, list, list]:
+  """``({(regime, method): {seed: summary}}, unfinished, failed)`` of a methods sweep root."""
   from experiments import regime_report  # pylint: disable=g-import-not-at-top
-  cells = {}  # (regime, method) -> seed -> summary
+  cells = {}
   unfinished, failed = [], []
   for run in regime_report.load_runs(root):
     regime, _, method = run["run"].partition("-")
@@ -171,6 +176,13 @@ def methods_report(root: str) -> dict:
       unfinished.append(f"{run['run']}/seed{run['seed']}")
       continue
     cells.setdefault((regime, method), {})[run["seed"]] = summarize(run["records"], run["run"])
+  return cells, unfinished, failed
+
+
+def methods_report(root: str) -> dict:
+  """Per (regime, method, seed) the selected test metrics; per (regime, method) mean and std
+  over seeds; the claims with paired verdicts (seeds pair runs with the same data and cue)."""
+  cells, unfinished, failed = _cells(root)
   rows = []
   for regime in REGIMES:
     for method in METHODS:
@@ -195,6 +207,58 @@ def methods_report(root: str) -> dict:
                    "seeds": seeds})
   return {"root": root, "rows": rows, "claims": claims, "unfinished": unfinished,
           "failed": failed}
+
+
+def claim10_report(roots: dict) -> dict:
+  """Claim 10 across the cue variants: reg. MTL lowers the flip rate for a low-variance cue
+  (A), and less so for a high-variance one (B).
+
+  Per variant, the reduction ``r = flip(ERM) - flip(reg. MTL)`` (pre-trained, last epoch,
+  paired by seed) with its verdict; then ``r_A - r_B`` over the seeds both variants have
+  (the same seed: the same images, splits and initialization; only the cue differs), which
+  holds if it exceeds twice its standard error (:func:`experiments.regime_report.paired_verdict`).
+
+  Args:
+    roots: ``{'A': methods root, 'B': methods root}``.
+
+  Returns:
+    ``{'variants': {v: {'seeds', 'reductions', 'verdict', 'mean', 'se'}}, 'a_minus_b': {...}}``.
+  """
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  out = {"variants": {}}
+  red = {}
+  for v, root in roots.items():
+    cells = _cells(root)[0]
+    erm, mtl = cells.get(("pre", "erm"), {}), cells.get(("pre", "mtl"), {})
+    seeds = sorted(set(erm) & set(mtl))
+    red[v] = {k: erm[k]["final"]["flip"] - mtl[k]["final"]["flip"] for k in seeds}
+    verdict, mean, se = regime_report.paired_verdict(list(red[v].values()))
+    out["variants"][v] = {"root": root, "seeds": seeds, "reductions": red[v],
+                          "verdict": verdict, "mean": mean, "se": se}
+  if {"A", "B"} <= set(red):
+    seeds = sorted(set(red["A"]) & set(red["B"]))
+    verdict, mean, se = regime_report.paired_verdict([red["A"][k] - red["B"][k] for k in seeds])
+    out["a_minus_b"] = {"seeds": seeds, "verdict": verdict, "mean": mean, "se": se}
+  return out
+
+
+def claim10_markdown(rep: dict) -> str:
+  fmt = lambda x: "-" if math.isnan(x) else f"{x:+.1f}"  # pylint: disable=unnecessary-lambda-assignment
+  lines = ["Claim 10: reg. MTL lowers the flip rate (test predictions that change when the cue "
+           "is swapped) for a low-variance cue (A: a 4x4 square), and less so for a "
+           "high-variance one (B: a 2-px frame). Reduction = ERM - reg. MTL flip % "
+           "(pre-trained, last epoch), paired by seed; holds if mean > 2 s.e.", "",
+           "| comparison | verdict | mean (points) | s.e. | seeds |", "|---|---|---|---|---|"]
+  for v, r in rep["variants"].items():
+    lines.append(f"| variant {v}: reg. MTL lowers the flip rate | {r['verdict']} | "
+                 f"{fmt(r['mean'])} | {fmt(r['se']).lstrip('+')} | "
+                 f"{','.join(map(str, r['seeds'])) or '-'} |")
+  if "a_minus_b" in rep:
+    r = rep["a_minus_b"]
+    lines.append(f"| the reduction is larger for A than for B (A - B) | {r['verdict']} | "
+                 f"{fmt(r['mean'])} | {fmt(r['se']).lstrip('+')} | "
+                 f"{','.join(map(str, r['seeds'])) or '-'} |")
+  return "\n".join(lines) + "\n"
 
 
 def _pm(mean_std) -> str:
@@ -386,6 +450,18 @@ def main(argv) -> Optional[int]:
       return 1
     report = write_methods(root, opts.get("--out", root))
     print(methods_markdown(report))
+    return 0
+  if "--claim10" in opts:  # --claim10=A=<methods root>,B=<methods root>
+    roots = dict(p.split("=", 1) for p in opts["--claim10"].split(","))
+    missing = [r for r in roots.values() if not os.path.isdir(r)]
+    if missing:
+      print(f"error: --claim10: directory not found: {missing[0]!r}", file=sys.stderr)
+      return 1
+    rep = claim10_report(roots)
+    text = claim10_markdown(rep)
+    if "--out" in opts:
+      _write_outputs(opts["--out"], "claim10", rep, text)
+    print(text)
     return 0
   if "--grid_root" in opts:
     root = opts["--grid_root"]

@@ -52,8 +52,20 @@ def test_methods_report_selects_and_pairs_seeds(tmp_path):
   assert c["mean"] == pytest.approx(10.0) and c["seeds"] == [0, 1, 2]
   c = claims["reg. MTL's average >= ERM's, pre-trained, no_gp (claim 5)"]
   assert c["mean"] == pytest.approx(1.0) and c["verdict"] == "holds"
-  c = claims["reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, variant A)"]
+  c = claims["reg. MTL lowers the flip rate vs ERM, pre-trained, final (claim 10, this variant)"]
   assert c["mean"] == pytest.approx(20.0)
+  # Claim 10 across variants: B (a copy with a smaller reduction) against this root as A.
+  root_b = tmp_path / "B"
+  for seed, cut in enumerate((0.05, 0.08, 0.02)):  # reg. MTL flips 5, 8, 2 points less
+    _write(root_b, "pre-erm", seed, [_record(150, 0.5, 0.85, 0.5, 0.9, 0.3)])
+    _write(root_b, "pre-mtl", seed, [_record(150, 0.5, 0.85, 0.5, 0.9, 0.3 - cut)])
+  c10 = report_lib.claim10_report({"A": str(tmp_path), "B": str(root_b)})
+  assert c10["variants"]["A"]["mean"] == pytest.approx(20.0)
+  assert c10["variants"]["B"]["mean"] == pytest.approx(5.0) and c10["variants"]["B"]["verdict"] == "holds"
+  assert c10["a_minus_b"]["mean"] == pytest.approx(15.0) and c10["a_minus_b"]["seeds"] == [0, 1, 2]
+  assert c10["a_minus_b"]["verdict"] == "holds"
+  assert "| the reduction is larger for A than for B (A - B) | holds | +15.0 |" in (
+      report_lib.claim10_markdown(c10))
   # No JTT finished: no data, and the unfinished run is listed, never silently dropped.
   assert claims["reg. MTL beats JTT in WGA, pre-trained, no_gp (claims 4-5)"]["verdict"] == "no data"
   assert rep["unfinished"] == ["pre-jtt/seed0"]

@@ -19,6 +19,9 @@ for variant in A B; do
   python -m experiments.worst_group_image_report --methods_root=$R/$variant/methods \
       --out=$R/$variant > /dev/null
 done
+# claim 10 across the cue variants (the flip-rate reduction, A against B)
+[ -d $R/B/methods ] && python -m experiments.worst_group_image_report \
+    --claim10=A=$R/A/methods,B=$R/B/methods --out=$R > /dev/null
 # the one-seed grid (lr check, alpha_aux x alpha_reg: claim 9)
 if [ -d $W/A/grid ]; then
   python -m experiments.sync_runs --src=$W/A/grid --dst=$R/A/grid
