@@ -2,9 +2,10 @@
 # Spurious-CIFAR (issue 14): the auxiliary task's pre-training (once), then every method of the
 # worst-group paper at its default configuration, pre-trained and from scratch: variant A seed
 # 0, variant B's ERM and MTL at seed 0, the ERM lr check, variant A seeds 1-2 of the runs the
-# claims read (and seeds 3-4 of JTT and +aux only), the one-seed (alpha_aux, alpha_reg) grid,
-# variant B's ERM and MTL seeds 1-4, seeds 3-4 of the other claim runs, the rest of variant A's
-# from-scratch controls, then the rest of variant B. Niced; resumable
+# claims read (and seeds 3-4 of JTT and +aux only), the one-seed (alpha_aux, alpha_reg) MTL grid,
+# variant B's ERM and MTL seeds 1-4, the rest of the grid, seeds 3-4 of the other claim runs,
+# the rest of variant A's from-scratch controls, then the rest of variant B. Niced (process and
+# session); resumable
 # (finished runs are skipped, unfinished ones resume from their last checkpoint).
 #   bash results/worst_group/image/run.sh start   # in the background (log: workdirs/worst_group_image/lane.log)
 #   bash results/worst_group/image/run.sh start w2 w3  # more lanes through the same list, side by
@@ -33,9 +34,10 @@ lane() {  # $1: the lane's name; lane w pre-trains, the others need its finished
   $S --root=$W/A/methods --seeds=1,2 --only="$K"
   # seeds 3-4: JTT and +aux only first (claims 4 and 6), the rest after the grid and variant B
   $S --root=$W/A/methods --seeds=3,4 --only='^pre-(jtt_stage1|jtt|aux_only)$'
-  $G  # the one-seed (alpha_aux, alpha_reg) grid, ablations, group DRO eta 0.01 (claim 9)
+  $G --only='^mtl-'  # the one-seed (alpha_aux, alpha_reg) MTL grid (claim 9)
   # claim 10's variant B: pre-trained ERM and MTL, seeds 1-4
   $S --root=$W/B/methods --seeds=1,2,3,4 --only='^pre-(erm|mtl)$' --bindings="VARIANT = 'B'"
+  $G  # the rest of the grid: +l1 only and +aux only at each value, group DRO eta 0.01
   $S --root=$W/A/methods --seeds=3,4 --only="$K"
   $S --root=$W/A/methods --seeds=1,2,3,4  # the rest of the from-scratch controls
   $S --root=$W/B/methods --seeds=0,1,2,3,4 --bindings="VARIANT = 'B'"
@@ -54,7 +56,11 @@ case "${1:-start}" in
       echo $! > $pidf
       echo "lane $name started (process group $!, log $log)"
     done ;;
-  _lane) lane "$2" ;;
+  _lane)
+    # nice ranks processes within one session only (autogroup scheduling, Linux's default):
+    # lower the whole lane session's priority too, or each lane takes a fair share of the CPU.
+    echo 19 > /proc/self/autogroup 2>/dev/null
+    lane "$2" ;;
   stop)  # SIGTERM: the running trainings save a checkpoint and exit
     for pidf in $W/lane.pid $W/lane_*.pid; do
       [ -f $pidf ] || continue
