@@ -274,3 +274,18 @@ def test_eval_batches_cover_every_example_once():
   assert len(list(images_lib.eval_batches(data, batch_size=1024))) == 1
   with pytest.raises(ValueError):
     list(images_lib.eval_batches(data, split="valid"))
+
+
+def test_atomic_savez_from_concurrent_writers(tmp_path):
+  """Writers of one cache file (processes on shared storage) never leave a torn file."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from ldro.data import npz_files  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "sub" / "rows.npz"
+  x = np.arange(200_000, dtype=np.int32).reshape(1000, 200)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    list(pool.map(lambda c: npz_files.atomic_savez(path, compressed=c, x=x), [True, False] * 4))
+  with np.load(path) as z:
+    np.testing.assert_array_equal(z["x"], x)
+  assert os.listdir(path.parent) == ["rows.npz"]  # no temporaries left
+  assert path.stat().st_mode & 0o777 == 0o644
