@@ -48,6 +48,13 @@ def test_flip_task_labels_flips_exactly_the_fraction_of_one_task_deterministical
     images_lib.flip_task_labels(data, 0, 1.5, 0)
   with pytest.raises(ValueError, match="out of range"):
     images_lib.flip_task_labels(data, 3, 0.1, 0)
+  # to='any': the same examples, flipped to any other class of the shared softmax (6 here).
+  wide = images_lib.flip_task_labels(data, task=1, fraction=0.4, seed=3, to="any")
+  moved = wide.train_labels != data.train_labels
+  np.testing.assert_array_equal(moved, changed)
+  assert set(wide.train_labels[moved]) - {2, 3} and set(wide.train_labels[moved]) <= set(range(6))
+  with pytest.raises(ValueError, match="'task' or 'any'"):
+    images_lib.flip_task_labels(data, 1, 0.4, 3, to="all")
 
 
 def test_apply_label_noise_by_name_and_errors():
@@ -59,6 +66,10 @@ def test_apply_label_noise_by_name_and_errors():
     image_experiment.apply_label_noise(data, {"task": "nope", "fraction": 0.1}, 0)
   with pytest.raises(ValueError, match="label_noise"):
     image_experiment.apply_label_noise(data, {"task": 0}, 0)
+  wide = image_experiment.apply_label_noise(data, {"task": "t2", "fraction": 0.5, "to": "any"}, 0)
+  assert set(wide.train_labels[wide.train_labels != data.train_labels]) - {4, 5}
+  with pytest.raises(ValueError, match="'task' or 'any'.*label_noise"):
+    image_experiment.apply_label_noise(data, {"task": 0, "fraction": 0.1, "to": "x"}, 0)
 
 
 def test_train_subset_and_narrow_model():
@@ -107,6 +118,9 @@ def test_regime_sweeps_are_defined_and_ordered():
     assert r.gin_files[0] == "gin_configs/cifar10_regime/base.gin"
   hard = sweep.sweep_runs("cifar10_hard_task")
   assert all("gin_configs/cifar10_regime/hard_task.gin" in r.gin_files for r in hard)
+  hard_any = sweep.sweep_runs("cifar10_hard_task_any_core")
+  assert all("gin_configs/cifar10_regime/hard_task_any.gin" in r.gin_files for r in hard_any)
+  assert [r.name for r in hard_any] == [r.name for r in core]
   abl = [r.name for r in sweep.sweep_runs("cifar10_regime_ablations")]
   assert any(n.startswith("ldro_T10-") for n in abl) and any("norenorm_T1000" in n for n in abl)
   assert any(n.startswith("large-") for n in abl)
@@ -151,7 +165,9 @@ def test_report_on_fake_runs(tmp_path):
 
 def test_every_regime_run_parses_with_the_regime_settings(gin_config):
   import gin  # pylint: disable=g-import-not-at-top
-  for name in ("cifar10_regime", "cifar10_hard_task", "cifar10_regime_ablations"):
+  noises = {"cifar10_hard_task": {"task": "cat/dog", "fraction": 0.4},
+            "cifar10_hard_task_any_core": {"task": "cat/dog", "fraction": 0.5, "to": "any"}}
+  for name in ("cifar10_regime", "cifar10_regime_ablations", *noises):
     for run in sweep.sweep_runs(name):
       gin_config(run.gin_files, sweep.run_bindings(run, seed=1))
       q = gin.query_parameter
@@ -162,7 +178,7 @@ def test_every_regime_run_parses_with_the_regime_settings(gin_config):
         noise = q("ImageClassificationExperiment.label_noise")
       except ValueError:  # not bound: the default, no noise
         noise = None
-      assert (noise == {"task": "cat/dog", "fraction": 0.4}) == (name == "cifar10_hard_task")
+      assert noise == noises.get(name)
       if run.name.startswith(("large-", "paper_small-")):
         assert q("%MODEL_KWARGS") == {}
       else:

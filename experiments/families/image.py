@@ -128,10 +128,11 @@ ROTOGRAD_NEEDS_LEAN = (
 
 def apply_label_noise(data: images_lib.TaskImageData, label_noise: Optional[dict],
                       seed: int) -> images_lib.TaskImageData:
-  """``data`` with ``label_noise = {'task': i, 'fraction': f}`` applied (None: unchanged).
+  """``data`` with ``label_noise = {'task': i, 'fraction': f[, 'to': 'task' | 'any']}`` applied
+  (None: unchanged).
 
-  ``task`` may be an index or a task name (e.g. ``'cat/dog'``); see
-  :func:`ldro.data.images.flip_task_labels`.
+  ``task`` may be an index or a task name (e.g. ``'cat/dog'``); ``to`` (default ``'task'``)
+  picks the classes the flipped labels go to; see :func:`ldro.data.images.flip_task_labels`.
 
   Raises:
     ValueError: malformed ``label_noise`` or an unknown task.
@@ -139,16 +140,18 @@ def apply_label_noise(data: images_lib.TaskImageData, label_noise: Optional[dict
   if not label_noise:
     return data
   where = "(ImageClassificationExperiment.label_noise)"
-  if not isinstance(label_noise, dict) or set(label_noise) != {"task", "fraction"}:
-    raise ValueError(f"label_noise must be {{'task': ..., 'fraction': ...}}, got {label_noise!r} "
-                     f"{where}.")
+  if not isinstance(label_noise, dict) or not (
+      {"task", "fraction"} <= set(label_noise) <= {"task", "fraction", "to"}):
+    raise ValueError(f"label_noise must be {{'task': ..., 'fraction': ...[, 'to': 'task' or "
+                     f"'any']}}, got {label_noise!r} {where}.")
   task = label_noise["task"]
   if isinstance(task, str):
     if task not in data.task_names:
       raise ValueError(f"label_noise task {task!r} unknown; tasks: {data.task_names} {where}.")
     task = data.task_names.index(task)
   try:
-    return images_lib.flip_task_labels(data, int(task), float(label_noise["fraction"]), seed)
+    return images_lib.flip_task_labels(data, int(task), float(label_noise["fraction"]), seed,
+                                       to=label_noise.get("to", "task"))
   except ValueError as e:
     raise ValueError(f"{e} {where}") from None
 

@@ -568,45 +568,52 @@ def eval_batches(data: TaskImageData, split: str = "test",
 
 
 def flip_task_labels(data: TaskImageData, task: int, fraction: float,
-                     seed: int) -> TaskImageData:
+                     seed: int, to: str = "task") -> TaskImageData:
   """Returns a copy of `data` with a fraction of one task's training labels flipped.
 
   Exactly `round(fraction * n_task)` training examples of `task`, chosen by
   `np.random.default_rng((seed, task, 0x1ab31))` (deterministic per seed),
-  get another class of the same task (uniformly among the task's other
-  classes; for a two-class pair task, the other class of the pair). Test
-  labels are untouched. The task's training loss then has a floor (with a
-  binary task and fraction `f < 0.5`, the noisy-label cross-entropy is at
-  least the binary entropy `H(f)`), the "much harder task" of the paper's
-  section 2.3.
+  get another class: with ``to='task'``, uniformly among the task's other
+  classes (for a two-class pair task, the other class of the pair); with
+  ``to='any'``, uniformly among all other classes of the shared softmax.
+  Test labels are untouched. The task's training loss then has a floor, the
+  "much harder task" of the paper's section 2.3: for a binary task and
+  fraction `f < 0.5` flipped within the task, the noisy-label cross-entropy is
+  at least the binary entropy `H(f)` (at most ln 2); flipped to any of the
+  other `C - 1` classes of a `C`-way softmax, at least `H(f) + f ln(C - 1)`
+  (1.79 nats at `f = 0.5`, `C = 10`), above what the clean tasks reach.
 
   Args:
     data: the multitask data (not modified).
     task: index of the task to corrupt.
     fraction: share of its training examples to flip, in [0, 1].
     seed: seed of the choice.
+    to: ``'task'`` (the task's other classes) or ``'any'`` (every other class).
 
   Returns:
     A new `TaskImageData` (images shared with `data`, labels copied).
 
   Raises:
-    ValueError: task out of range, fraction outside [0, 1], or a task with
-      a single class (nothing to flip to).
+    ValueError: task out of range, fraction outside [0, 1], an unknown ``to``,
+      or a task with a single class (nothing to flip to).
   """
   task, fraction = int(task), float(fraction)
+  if to not in ("task", "any"):
+    raise ValueError(f"label noise 'to' must be 'task' or 'any', got {to!r}.")
   if not 0 <= task < data.num_tasks:
     raise ValueError(f"label noise task {task} out of range: {data.num_tasks} tasks.")
   if not 0.0 <= fraction <= 1.0:
     raise ValueError(f"label noise fraction must lie in [0, 1], got {fraction}.")
   idx = np.flatnonzero(data.train_tasks == task)
-  classes = np.unique(data.train_labels[idx])
+  classes = (np.unique(data.train_labels[idx]) if to == "task"
+             else np.arange(len(data.class_names), dtype=data.train_labels.dtype))
   if len(classes) < 2:
     raise ValueError(f"task {data.task_names[task]!r} has one class; no label to flip to.")
   rng = np.random.default_rng((int(seed), task, 0x1ab31))
   chosen = rng.choice(idx, size=int(round(fraction * len(idx))), replace=False)
   labels = data.train_labels.copy()
   old = labels[chosen]
-  # Shift each chosen label by 1..k-1 positions among the task's k classes.
+  # Shift each chosen label by 1..k-1 positions among the k candidate classes.
   pos = np.searchsorted(classes, old)
   shift = rng.integers(1, len(classes), size=len(chosen))
   labels[chosen] = classes[(pos + shift) % len(classes)]

@@ -7,6 +7,7 @@
 #
 #   bash results/cifar10_regime/run.sh start    # start the lanes in the background (running ones are left alone)
 #   bash results/cifar10_regime/run.sh start a l  # only lanes a and l (l: the litmus test, issue 13)
+#   bash results/cifar10_regime/run.sh start d    # the stronger failure case (hard_task_any.gin)
 #   bash results/cifar10_regime/run.sh start l l2 l3  # three lanes through the same list (l*): each
 #                                               # run is claimed by one (experiments/sweep.py, .claim)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
@@ -46,13 +47,18 @@ lane_l() {  # the random-weighting litmus test (issue 13): every method on this 
   $S --sweep=litmus --root=$W/litmus --seeds=1,2
   lane_a  # then the regime study's list
 }
+lane_d() {  # the stronger failure case (hard_task_any.gin: half of cat/dog's labels flipped to
+  # any other class, a loss floor above the clean tasks'): the core grid, seed 0 first
+  $S --sweep=cifar10_hard_task_any_core --root=$W/hard_task_any --seeds=0
+  $S --sweep=cifar10_hard_task_any_core --root=$W/hard_task_any --seeds=1,2
+}
 lane_c() {  # seed 1 of both core grids (lanes a and b take seeds 0 and 2)
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=1
   $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=1
 }
 
 case "${1:-start}" in
-  start)  # lanes to start: all (a b c l) or those named, e.g. 'run.sh start a l'
+  start)  # lanes to start: a b c l (the default) or those named, e.g. 'run.sh start a d'
     shift; lanes=${*:-a b c l}
     for lane in $lanes; do
       if [ -f $W/lane_$lane.pid ] && kill -0 -- -"$(cat $W/lane_$lane.pid)" 2>/dev/null; then
@@ -71,6 +77,7 @@ case "${1:-start}" in
       _lane_a) lane_a ;;
       _lane_b) lane_b ;;
       _lane_c) lane_c ;;
+      _lane_d) lane_d ;;
       _lane_l*) lane_l ;;  # l, l2, l3, ...: side by side on lane l's list (a run trains in one of them)
     esac ;;
   stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
@@ -86,7 +93,7 @@ case "${1:-start}" in
       fi
     done ;;
   status)
-    for spec in "cifar10_regime regime" "cifar10_hard_task hard_task" "cifar10_regime_ablations ablations" "litmus litmus"; do
+    for spec in "cifar10_regime regime" "cifar10_hard_task hard_task" "cifar10_hard_task_any hard_task_any" "cifar10_regime_ablations ablations" "litmus litmus"; do
       set -- $spec
       python -m experiments.sweep --sweep=$1 --root=$W/$2 --seeds=0,1,2 --dry_run | grep '^\['
     done ;;

@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 W=workdirs/cifar10_regime
 R=results/cifar10_regime/runs
-for sweep in regime hard_task ablations litmus; do
+for sweep in regime hard_task hard_task_any ablations litmus; do
   [ -d $W/$sweep ] || continue
   python -m experiments.sync_runs --src=$W/$sweep --dst=$R/$sweep
 done
