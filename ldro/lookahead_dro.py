@@ -83,8 +83,9 @@ def ldro_weights(
   strategy (``N`` gradients on refresh steps).
 
   Policies: ``task_mask`` (bool ``[N]``, optional) marks tasks present in the
-  batch; an absent task keeps its weight and does not enter the best response
-  (its loss is ignored). If the lookahead matrix is not finite (a NaN/Inf loss
+  batch; online, an absent task keeps its weight and does not enter the best
+  response (its loss is ignored); exact, the game is the present tasks' game
+  and an absent task gets weight 0 (its gradient is zero in the batch). If the lookahead matrix is not finite (a NaN/Inf loss
   or gradient), ``w`` and ``A`` are left unchanged for that step; the training
   step is responsible for detecting non-finite values (see
   :mod:`ldro.train`). The exact variant reports solver convergence in
@@ -118,10 +119,21 @@ def ldro_weights(
     L = stats.losses[:, None] - lookahead_lr * lookahead.interaction_matrix(stats.gram, normalize)
     if exact:
       L_game = L
-      if mask is not None:  # absent tasks' rows never bind
-        L_game = jnp.where(mask[:, None], L, jnp.min(L) - 1.0)
+      if mask is not None:
+        # The present tasks' game. An absent task's row never binds (its loss is not in this
+        # batch) and its column is strictly dominated for the learner: its gradient is zero
+        # in this batch, while its column of A may come from an older refresh and promise a
+        # descent that the step would not take. The equilibrium's round-off weight on those
+        # columns (within the solver's slack) is then set to zero.
+        lo, hi = jnp.min(L), jnp.max(L)
+        L_game = jnp.where(mask[:, None], L, lo - 1.0)
+        L_game = jnp.where(mask[None, :], L_game, hi + (hi - lo) + 1.0)
       info = game.maxent_nash_with_info(L_game)
       new_w, converged = info.w, info.converged
+      if mask is not None:
+        new_w = jnp.where(mask, new_w, 0.0)
+        total = jnp.sum(new_w)
+        new_w = jnp.where(total > 0, new_w / jnp.where(total > 0, total, 1.0), stats.weights)
     else:
       new_w = game.update_weights(L, stats.weights, weight_lr, mask)
       converged = jnp.ones([], bool)

@@ -209,6 +209,25 @@ def test_exact_variant_uses_maxent_nash():
   assert bool(state.method_state.solver_converged)
 
 
+def test_exact_variant_gives_an_absent_task_no_weight():
+  """With a task absent from the batch (zero gradient, stale interaction column from the last
+  refresh), the exact game is the present tasks' game: no weight on the absent task."""
+  g = jnp.array([[1.0, 0.0, 0.2], [0.0, 1.0, 0.2], [0.7, 0.7, 0.5]])  # task 2 helps both
+  tx = ldro.ldro_weights(3, 1.0, update_every=2, exact=True)
+  state = tx.init({"a": jnp.zeros(3)})
+  losses = jnp.array([1.0, 1.0, 1.0])
+  _, state = tx.update({"a": g}, state, None, task_losses=losses)  # refresh: all present
+  present = jnp.array([True, True, False])
+  out, state = tx.update({"a": g.at[2].set(0.0)}, state, None, task_losses=losses,
+                         task_mask=present)  # no refresh: task 2's column is stale
+  w = np.asarray(state.task_weights)
+  assert w[2] == 0.0 and w.sum() == pytest.approx(1.0) and w[0] == pytest.approx(w[1], abs=1e-4)
+  np.testing.assert_allclose(out["a"], w[0] * g[0] + w[1] * g[1], rtol=1e-5)
+  # The present tasks' game alone gives the same weights.
+  L = ldro.lookahead_matrix(losses[:2], ldro.task_gram(g[:2]), 1.0)
+  np.testing.assert_allclose(w[:2], ldro.maxent_nash(L)[0], atol=1e-5)
+
+
 def test_ldro_nonfinite_loss_keeps_weights():
   theta, losses_fn = quadratic_problem()
   tx = ldro.ldro_weights(N, 0.1, 0.1, update_every=1)
