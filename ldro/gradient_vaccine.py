@@ -132,9 +132,10 @@ def gradvac(num_tasks: int, beta: float | Array = 0.01,
   is PCGrad's projection (the same visiting orders for the same key, see
   :func:`visiting_orders`); ``phi_ij`` is the similarity of the partially
   vaccinated ``g_i'`` with the original ``g_j``. The EMA is updated for every
-  visited pair, after the comparison, as in the paper's Algorithm 1 and
-  torchjd; LibMTL updates it only for pairs that were corrected (so its
-  targets can only decrease from 0). ``beta = 0.01`` is the paper's
+  visited pair, after the comparison, as in the paper's Algorithm 1 (GradVac
+  ports differ here: some update the target before the comparison, LibMTL
+  only for pairs that were corrected, so that its targets can only decrease
+  from 0). ``beta = 0.01`` is the paper's
   (LibMTL's default is 0.5).
 
   Needs ``key=`` (the visiting orders). Absent tasks (``task_mask``) are

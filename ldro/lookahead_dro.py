@@ -38,7 +38,7 @@ def interaction(state: weighting.WeightingState, normalize: bool = True) -> Arra
 def ldro_weights(
     num_tasks: int,
     lookahead_lr: float | Array,
-    weight_lr: float | Array = 0.0,
+    weight_lr: float | Array = 0.001,
     update_every: int | Array = 100,
     normalize: bool = True,
     exact: bool = False,
@@ -94,7 +94,8 @@ def ldro_weights(
   Args:
     num_tasks: number of tasks ``N`` (static).
     lookahead_lr: lookahead learning rate ``lambda``.
-    weight_lr: weight update rate ``eta`` (unused by the exact variant).
+    weight_lr: weight update rate ``eta`` (unused by the exact variant); the default
+      is the paper's (App. C), as in the registry. ``0`` freezes the weights at uniform.
     update_every: interaction-matrix update interval ``k`` (``T`` in App. C).
     normalize: renormalise lookahead gradients (section 3.2, App. A.2).
     exact: solve the max-entropy Nash equilibrium every step (Algorithm 1)

@@ -440,6 +440,9 @@ def famo(num_tasks: int, w_lr: float | Array = 0.025, gamma: float | Array = 0.0
   ``w_lr = 0.025``, ``gamma = 0.001`` are the paper's and LibMTL's (the
   authors' ``famo.py`` defaults to ``gamma = 0.01``). Their ``min_losses``
   (0 by default) and ``+ 1e-8`` are not used: the losses must be positive.
+  Their training loops also clip the shared parameters' gradient to global norm
+  1 after the weighted backward pass; that is the optimizer's part here: chain
+  ``optax.clip_by_global_norm(1.0)`` after this transformation to match them.
 
   **One step later, O(1) extra cost.** The official code calls
   ``update(new_losses)`` after the optimizer step with the *same batch*'s
