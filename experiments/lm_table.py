@@ -280,13 +280,18 @@ def plot(table: dict, path: str) -> None:
   plt.close(fig)
 
 
+def _write_md_json(table: dict, markdown: str, out: str, name: str) -> None:
+  """``<name>.md`` and ``<name>.json`` under ``out``."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
+    f.write(markdown)
+  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
+    json.dump(table, f, indent=2, sort_keys=True, ensure_ascii=False)
+
+
 def write_outputs(table: dict, out: str) -> None:
   """Writes ``table1.md``, ``table1.json`` and ``per_language.png`` to ``out``."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "table1.md"), "w", encoding="utf-8") as f:
-    f.write(to_markdown(table))
-  with open(os.path.join(out, "table1.json"), "w", encoding="utf-8") as f:
-    json.dump(table, f, indent=2, sort_keys=True, ensure_ascii=False)
+  _write_md_json(table, to_markdown(table), out, "table1")
   plot(table, os.path.join(out, "per_language.png"))
 
 
@@ -416,11 +421,7 @@ def seeded_markdown(table: dict) -> str:
 
 def write_seeded_outputs(table: dict, out: str) -> None:
   """``table1_seeds.md`` and ``table1_seeds.json`` under ``out``."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "table1_seeds.md"), "w", encoding="utf-8") as f:
-    f.write(seeded_markdown(table))
-  with open(os.path.join(out, "table1_seeds.json"), "w", encoding="utf-8") as f:
-    json.dump(table, f, indent=2, sort_keys=True, ensure_ascii=False)
+  _write_md_json(table, seeded_markdown(table), out, "table1_seeds")
 
 
 def main(argv: Sequence[str]) -> None:
