@@ -113,6 +113,9 @@ def _check_pref_vector(pref_vector: Any, num_tasks: int, method: str) -> Optiona
 # ----------------------------------------------------------------------------
 
 MGDA_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+#: Where MGDA's ``alpha`` is applied: the normalised gradients (LibMTL) or the raw ones
+#: (the authors' training script, which weights the raw losses).
+MGDA_APPLY_TO = ("normalized", "raw")
 
 
 def _min_norm_2(v11: Array, v12: Array, v22: Array) -> tuple[Array, Array]:
@@ -134,7 +137,8 @@ def _min_norm_2(v11: Array, v12: Array, v22: Array) -> tuple[Array, Array]:
 
 def mgda_coefficients(gram: Array, losses: Optional[Array] = None,
                       mask: Optional[Array] = None, *, normalization: str = "none",
-                      max_iter: int = 250, tol: float = 1e-5) -> tuple[Array, SolverInfo]:
+                      max_iter: int = 250, tol: float = 1e-5,
+                      apply_to: str = "normalized") -> tuple[Array, SolverInfo]:
   """MGDA's coefficients: the min-norm point of the (normalised) task gradients' hull.
 
   Normalised gradients ``h_i = g_i / n_i`` (``n_i`` from ``normalization``,
@@ -148,7 +152,8 @@ def mgda_coefficients(gram: Array, losses: Optional[Array] = None,
   < tol`` (their ``STOP_CRIT``). Under ``jit`` the loop always runs
   ``max_iter`` steps (their ``MAX_ITER = 250``) and freezes the iterate once
   the stopping test holds. The update ``d = sum_i alpha_i h_i`` is returned
-  as coefficients on the raw gradients, ``c_i = alpha_i / n_i``.
+  as coefficients on the raw gradients, ``c_i = alpha_i / n_i``; with
+  ``apply_to='raw'`` the update is ``sum_i alpha_i g_i`` (``c = alpha``).
 
   A task whose normaliser is not positive (a zero gradient with ``'l2'``, a
   zero loss with ``'loss'``) gets ``h_i = 0``, so the min-norm point is 0:
@@ -164,6 +169,7 @@ def mgda_coefficients(gram: Array, losses: Optional[Array] = None,
       ``'l2'``, ``'loss'`` or ``'loss+'``.
     max_iter: Frank-Wolfe iterations (static).
     tol: stopping tolerance on the L1 change of ``alpha``.
+    apply_to: ``'normalized'`` (``c = alpha / n``) or ``'raw'`` (``c = alpha``).
 
   Returns:
     ``(c [N], SolverInfo)``; ``residual`` is the Frank-Wolfe gap
@@ -219,12 +225,12 @@ def mgda_coefficients(gram: Array, losses: Optional[Array] = None,
   h_alpha = jnp.dot(H, alpha, precision=_HI)
   gap = jnp.dot(alpha, h_alpha, precision=_HI) - jnp.min(jnp.where(present, h_alpha, jnp.inf))
   gap = jnp.where(jnp.any(present), jnp.maximum(gap, 0.0), 0.0)
-  c = jnp.where(present, alpha * inv, 0.0)
+  c = jnp.where(present, alpha * inv if apply_to == "normalized" else alpha, 0.0)
   return c, SolverInfo(converged=done, residual=gap, iterations=iters)
 
 
 def mgda(num_tasks: int, normalization: str = "loss+", max_iter: int = 250,
-         tol: float = 1e-5) -> optax.GradientTransformationExtraArgs:
+         tol: float = 1e-5, apply_to: str = "normalized") -> optax.GradientTransformationExtraArgs:
   """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm element of the gradients' convex hull.
 
   Maths (paper, section 3.2, eq. 3 and Algorithm 2)::
@@ -247,10 +253,12 @@ def mgda(num_tasks: int, normalization: str = "loss+", max_iter: int = 250,
   ``find_min_norm_element_FW`` with ``MAX_ITER = 250``, ``STOP_CRIT = 1e-5``
   (their training script uses the projected-gradient variant
   ``find_min_norm_element``; both solve the same problem); exact vertex
-  weights (1/0) where their line search returns 0.999/0.001. The update is
-  ``sum_i alpha_i h_i`` on the *normalised* gradients, as LibMTL applies it
-  (the authors' script instead weights the raw losses by ``alpha``, which is
-  the same for ``'none'`` and loses the common-descent property otherwise).
+  weights (1/0) where their line search returns 0.999/0.001. By default the
+  update is ``sum_i alpha_i h_i`` on the *normalised* gradients, as LibMTL
+  applies it; ``apply_to='raw'`` gives the authors' script instead, which
+  weights the raw losses by ``alpha`` (``sum_i alpha_i g_i``: the same for
+  ``'none'``; otherwise its size follows the gradients' scale, and the
+  common-descent property holds for the normalised gradients only).
   Default ``'loss+'``, the authors' own configuration (their ``sample.json``),
   which needs ``task_losses``; ``'none'`` (LibMTL's default, the bare
   Algorithm 2) and ``'l2'`` do not. The registry lists ``'losses'`` among
@@ -264,12 +272,14 @@ def mgda(num_tasks: int, normalization: str = "loss+", max_iter: int = 250,
     max_iter: Frank-Wolfe iterations (fixed under ``jit``).
     tol: stopping tolerance (L1 change of ``alpha``); whether it was met
       and the Frank-Wolfe gap are in the method state (:class:`SolverInfo`).
+    apply_to: ``'normalized'`` (default, LibMTL) or ``'raw'`` (the authors' script).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (Jacobian and lean mode).
   """
   name = "mgda"
   weighting.check_choice(normalization, "normalization", name, MGDA_NORMALIZATIONS)
+  weighting.check_choice(apply_to, "apply_to", name, MGDA_APPLY_TO)
   weighting.check_hparam(max_iter, "max_iter", name, low=0, integer=True)
   weighting.check_hparam(tol, "tol", name, low=0)
   needs_losses = normalization in ("loss", "loss+")
@@ -277,7 +287,7 @@ def mgda(num_tasks: int, normalization: str = "loss+", max_iter: int = 250,
   def coefficients(stats: weighting.TaskStats, state):
     del state
     return mgda_coefficients(stats.gram, stats.losses, stats.mask, normalization=normalization,
-                             max_iter=max_iter, tol=tol)
+                             max_iter=max_iter, tol=tol, apply_to=apply_to)
 
   return weighting.task_weighting(
       weighting.Rule(name=name, coefficients=coefficients, init_state=_init_solver_info,

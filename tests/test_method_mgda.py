@@ -13,7 +13,8 @@ from ldro import gradient_balancing as gb
 
 import method_helpers
 
-mgda_coefficients = jax.jit(gb.mgda_coefficients, static_argnames=("normalization", "max_iter"))
+mgda_coefficients = jax.jit(gb.mgda_coefficients,
+                            static_argnames=("normalization", "max_iter", "apply_to"))
 
 
 def min_norm_reference(H):
@@ -76,6 +77,10 @@ def test_common_descent_and_min_norm(normalization):
   # d = sum_i c_i g_i: d . g_i >= 0 for every task (paper, Theorem 1), G c >= -tol.
   G = J @ J.T
   assert np.all(G @ np.asarray(c, np.float64) >= -1e-4 * np.max(np.diag(G)))
+  # apply_to='raw' (the authors' script): the same alpha, on the raw gradients.
+  raw, _ = mgda_coefficients(jnp.asarray(G, jnp.float32), jnp.asarray(losses, jnp.float32),
+                             normalization=normalization, apply_to="raw")
+  np.testing.assert_allclose(raw, alpha, rtol=1e-4, atol=1e-6)
 
 
 def test_pareto_stationary_gives_zero_update():
@@ -94,6 +99,11 @@ def test_mask_excludes_absent_tasks():
   c_ref, _ = mgda_coefficients(jnp.asarray(J[keep] @ J[keep].T, jnp.float32))
   assert float(c[2]) == 0.0
   np.testing.assert_allclose(np.asarray(c)[keep], c_ref, atol=1e-6)
+
+
+def test_apply_to_is_checked():
+  with pytest.raises(ValueError, match="apply_to"):
+    ldro.mgda(3, apply_to="both")
 
 
 def test_losses_needed_only_for_loss_normalizations():
