@@ -226,18 +226,18 @@ def claim10_report(roots: dict) -> dict:
   """
   from experiments import regime_report  # pylint: disable=g-import-not-at-top
   out = {"variants": {}}
-  red = {}
   for v, root in roots.items():
     cells = _cells(root)[0]
     erm, mtl = cells.get(("pre", "erm"), {}), cells.get(("pre", "mtl"), {})
     seeds = sorted(set(erm) & set(mtl))
-    red[v] = {k: erm[k]["final"]["flip"] - mtl[k]["final"]["flip"] for k in seeds}
-    verdict, mean, se = regime_report.paired_verdict(list(red[v].values()))
-    out["variants"][v] = {"root": root, "seeds": seeds, "reductions": red[v],
+    red = {k: erm[k]["final"]["flip"] - mtl[k]["final"]["flip"] for k in seeds}
+    verdict, mean, se = regime_report.paired_verdict(list(red.values()))
+    out["variants"][v] = {"root": root, "seeds": seeds, "reductions": red,
                           "verdict": verdict, "mean": mean, "se": se}
-  if {"A", "B"} <= set(red):
-    seeds = sorted(set(red["A"]) & set(red["B"]))
-    verdict, mean, se = regime_report.paired_verdict([red["A"][k] - red["B"][k] for k in seeds])
+  if {"A", "B"} <= set(out["variants"]):
+    red_a, red_b = (out["variants"][v]["reductions"] for v in ("A", "B"))
+    seeds = sorted(set(red_a) & set(red_b))
+    verdict, mean, se = regime_report.paired_verdict([red_a[k] - red_b[k] for k in seeds])
     out["a_minus_b"] = {"seeds": seeds, "verdict": verdict, "mean": mean, "se": se}
   return out
 
@@ -249,14 +249,11 @@ def claim10_markdown(rep: dict) -> str:
            "high-variance one (B: a 2-px frame). Reduction = ERM - reg. MTL flip % "
            "(pre-trained, last epoch), paired by seed; holds if mean > 2 s.e.", "",
            "| comparison | verdict | mean (points) | s.e. | seeds |", "|---|---|---|---|---|"]
-  for v, r in rep["variants"].items():
-    lines.append(f"| variant {v}: reg. MTL lowers the flip rate | {r['verdict']} | "
-                 f"{fmt(r['mean'])} | {fmt(r['se']).lstrip('+')} | "
-                 f"{','.join(map(str, r['seeds'])) or '-'} |")
+  rows = [(f"variant {v}: reg. MTL lowers the flip rate", r) for v, r in rep["variants"].items()]
   if "a_minus_b" in rep:
-    r = rep["a_minus_b"]
-    lines.append(f"| the reduction is larger for A than for B (A - B) | {r['verdict']} | "
-                 f"{fmt(r['mean'])} | {fmt(r['se']).lstrip('+')} | "
+    rows.append(("the reduction is larger for A than for B (A - B)", rep["a_minus_b"]))
+  for text, r in rows:
+    lines.append(f"| {text} | {r['verdict']} | {fmt(r['mean'])} | {fmt(r['se']).lstrip('+')} | "
                  f"{','.join(map(str, r['seeds'])) or '-'} |")
   return "\n".join(lines) + "\n"
 
