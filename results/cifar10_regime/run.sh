@@ -7,7 +7,8 @@
 #
 #   bash results/cifar10_regime/run.sh start    # start the lanes in the background (running ones are left alone)
 #   bash results/cifar10_regime/run.sh start a l  # only lanes a and l (l: the litmus test, issue 13)
-#   bash results/cifar10_regime/run.sh start d    # the stronger failure case (hard_task_any.gin)
+#   bash results/cifar10_regime/run.sh start d    # the stronger failure case (hard_task_any.gin);
+#                                               # 'start d d2 d3' runs three lanes through its list
 #   bash results/cifar10_regime/run.sh start l l2 l3  # three lanes through the same list (l*): each
 #                                               # run is claimed by one (experiments/sweep.py, .claim)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
@@ -77,7 +78,7 @@ case "${1:-start}" in
       _lane_a) lane_a ;;
       _lane_b) lane_b ;;
       _lane_c) lane_c ;;
-      _lane_d) lane_d ;;
+      _lane_d*) lane_d ;;  # d, d2, ...: side by side on lane d's list
       _lane_l*) lane_l ;;  # l, l2, l3, ...: side by side on lane l's list (a run trains in one of them)
     esac ;;
   stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
