@@ -70,6 +70,7 @@ from ldro.static import equal_weighting
 from ldro.static import mixing_weights
 from ldro.static import static_mixing
 from ldro.weighting import combine
+from ldro.weighting import on_shared_params
 from ldro.weighting import Rule
 from ldro.weighting import task_weighting
 from ldro.weighting import task_weights
@@ -140,6 +141,7 @@ __all__ = (
     "nash_mtl_solve",
     "NashMTLState",
     "NashInfo",
+    "on_shared_params",
     "pairwise_gram",
     "pcgrad",
     "pcgrad_coefficients",

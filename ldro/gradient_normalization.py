@@ -6,7 +6,6 @@ come from the Gram matrix on ``W`` (``Rule.gram_filter``):
 ``||grad_W w_i l_i|| = w_i sqrt(G^W_ii)``.
 """
 
-import re
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -20,35 +19,8 @@ Array = jax.Array
 
 
 def layer_filter(layer: Optional[str]) -> Optional[Callable[[str], bool]]:
-  r"""A predicate on parameter paths for ``Rule.gram_filter``, from a substring or regex.
-
-  Paths are ``jax.tree_util.keystr`` strings, e.g.
-  ``"['params']['Dense_2']['kernel']"``. ``layer`` is searched in the path
-  as a regular expression (``re.search``), so a plain name such as
-  ``"Dense_2"`` selects every leaf under it and ``r"Dense_2'\]\['kernel"``
-  its kernel only; a ``layer`` in keystr form (starting with ``[``, e.g.
-  ``"['Dense_2']"``) or that is not a valid regex is matched literally, as a
-  substring (``"['Dense_2']"`` as a regex would be a character class).
-  ``None``: all parameters (no filter).
-
-  Raises:
-    ValueError: ``layer`` is not ``None`` or a non-empty string.
-  """
-  if layer is None:
-    return None
-  if not isinstance(layer, str) or not layer:
-    raise ValueError(f"gradnorm: layer must be None (all parameters) or a non-empty substring/"
-                     f"regex of the parameter path, got {layer!r}.")
-  pattern = None
-  if not layer.startswith("["):
-    try:
-      pattern = re.compile(layer)
-    except re.error:
-      pass  # not a regex: a plain substring
-
-  def keep(path: str) -> bool:
-    return layer in path if pattern is None else pattern.search(path) is not None
-  return keep
+  """GradNorm's ``layer`` as a path predicate (:func:`ldro.weighting.param_filter`)."""
+  return weighting.param_filter(layer, "gradnorm: layer")
 
 
 class GradNormState(NamedTuple):

@@ -143,11 +143,16 @@ def method_reference(name: str) -> str:
   return method_info(name).reference
 
 
-def get_method(name: str, **kwargs) -> optax.GradientTransformationExtraArgs:
+def get_method(name: str, *, shared_params: Any = None,
+               **kwargs) -> optax.GradientTransformationExtraArgs:
   """Builds the method ``name`` with its defaults overridden by ``kwargs``.
 
   Args:
     name: a registered name (``method_names()``), e.g. ``'ldro'``.
+    shared_params: for methods that use the Gram matrix (``'gram'`` in
+      ``needs``): take it on the shared parameters only, e.g. ``'encoder'``
+      (:func:`ldro.on_shared_params`; models with task-specific heads).
+      ``None`` (default): on all parameters.
     **kwargs: the factory's arguments, e.g. ``num_tasks=20,
       lookahead_lr=0.01, weight_lr=0.001``.
 
@@ -161,6 +166,9 @@ def get_method(name: str, **kwargs) -> optax.GradientTransformationExtraArgs:
   info = method_info(name)
   args = {**info.defaults, **kwargs}
   try:
-    return info.factory(**args)
+    tx = info.factory(**args)
   except TypeError as e:
     raise ValueError(f"method {name!r}: bad arguments {sorted(args)}: {e}") from None
+  if shared_params is not None:
+    tx = weighting.on_shared_params(tx, shared_params)
+  return tx

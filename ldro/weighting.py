@@ -47,6 +47,7 @@ The state of every method is a :class:`WeightingState` with a
 import dataclasses
 import math
 import numbers
+import re
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -360,6 +361,45 @@ def _select(ok: Array, new: PyTree, old: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def param_filter(spec: Any, method: str = "param_filter") -> Optional[Callable[[str], bool]]:
+  r"""A predicate on parameter paths (for ``Rule.gram_filter``), from a regex, a substring or a function.
+
+  Paths are ``jax.tree_util.keystr`` strings, e.g.
+  ``"['params']['Dense_2']['kernel']"``. A string ``spec`` is searched in the
+  path as a regular expression (``re.search``), so a plain name such as
+  ``"Dense_2"`` selects every leaf under it and ``r"Dense_2'\]\['kernel"``
+  its kernel only; a ``spec`` in keystr form (starting with ``[``, e.g.
+  ``"['Dense_2']"``) or that is not a valid regex is matched literally, as a
+  substring (``"['Dense_2']"`` as a regex would be a character class). A
+  callable is used as it is (``path -> bool``). ``None``: all parameters.
+
+  Args:
+    spec: ``None``, a non-empty string, or a callable on paths.
+    method: what is being set, shown in the error message (e.g. ``"gradnorm: layer"``).
+
+  Returns:
+    The predicate, or ``None`` for all parameters.
+
+  Raises:
+    ValueError: ``spec`` is none of these.
+  """
+  if spec is None or callable(spec):
+    return spec
+  if not isinstance(spec, str) or not spec:
+    raise ValueError(f"{method} must be None (all parameters), a non-empty substring/regex "
+                     f"of the parameter path or a function of the path, got {spec!r}.")
+  pattern = None
+  if not spec.startswith("["):
+    try:
+      pattern = re.compile(spec)
+    except re.error:
+      pass  # not a regex: a plain substring
+
+  def keep(path: str) -> bool:
+    return spec in path if pattern is None else pattern.search(path) is not None
+  return keep
+
+
 def filtered_gram(task_grads: PyTree, keep: Optional[Callable[[str], bool]], method: str) -> Array:
   """The Gram matrix of the task gradients, on the leaves whose path ``keep`` selects."""
   if keep is None:
@@ -521,7 +561,8 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
       if rule.gram_filter is not None and task_grads_fn is None:
         raise ValueError(f"{name}: a Gram matrix on selected parameters (gram_filter) needs the "
                          "per-task gradients: use Jacobian mode, or lean mode with "
-                         "task_grads_fn=... (not gram_fn/gram).")
+                         "task_grads_fn=... (not gram_fn/gram; ldro.train.make_train_step(..., "
+                         "reuse_refresh_grads=True) passes it).")
       if len(given) > 1 and "task_grads_fn" in given:
         raise ValueError(f"{name}: task_grads_fn=... replaces gram_fn/gram; pass task_vjp and "
                          f"task_grads_fn only (got {', '.join(given)}).")
@@ -611,6 +652,65 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
   tx.rule = rule
   tx.num_tasks = num_tasks
   return tx
+
+
+def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
+  r"""The method ``tx`` with its Gram matrix taken on the shared parameters only.
+
+  A gradient method compares the task gradients through ``G_ij = g_i . g_j``.
+  With task-specific parameters (a head ``theta_i`` per task) the task
+  gradient is ``g_i = (g_i^sh, g_i^{theta_i})`` and the heads only add to the
+  diagonal,
+
+  .. math::  G_{ij} = g_i^{sh} \cdot g_j^{sh} + \delta_{ij} \|g_i^{\theta_i}\|^2,
+
+  so every pair looks less conflicting and a task with a large head gradient
+  looks larger than it is in the shared parameters, where the tasks compete.
+  The methods' original code (MGDA's on the shared representation, Nash-MTL,
+  CAGrad, IMTL-G, Aligned-MTL; LibMTL for all) uses ``G^sh``, the Gram matrix
+  on the shared parameters. This wrapper gives ``tx`` that matrix, from the
+  leaves that ``shared`` selects; the method's rule is unchanged. For models
+  whose parameters are all shared (ldro's CNN and decoder) it changes nothing.
+
+  The update is still ``sum_i c_i g_i`` on every parameter: a task-specific
+  parameter receives ``c_i`` times its own task's gradient, as from the
+  backward pass of ``sum_i c_i l_i`` in the Nash-MTL and MGDA code (LibMTL
+  instead gives task-specific parameters their unweighted gradient).
+
+  It needs the per-task gradients on a refresh step: Jacobian mode, or lean
+  mode with ``task_grads_fn`` (``ldro.train.make_train_step(...,
+  reuse_refresh_grads=True)``); a Gram matrix computed on all parameters
+  (``gram_fn``, ``gram``) is refused.
+
+  Args:
+    tx: a task-weighting method that uses the Gram matrix (e.g.
+      ``ldro.mgda(N)``, ``ldro.get_method('nash_mtl', num_tasks=N)``).
+    shared: the shared parameters' paths (:func:`param_filter`: a regex or
+      substring of ``jax.tree_util.keystr`` paths, e.g. ``"encoder"``, or a
+      function ``path -> bool``).
+
+  Returns:
+    The method with ``Rule.gram_filter`` set (an error names the paths if
+    the filter selects none of them at the first update).
+
+  Raises:
+    ValueError: ``tx`` uses no Gram matrix, or already chooses its own
+      parameters (GradNorm's ``layer``).
+  """
+  if not isinstance(tx, TaskWeighting):
+    raise TypeError("on_shared_params: tx must be an ldro task-weighting transformation (built "
+                    f"by ldro.get_method or a method factory), got {type(tx).__name__}.")
+  rule = tx.rule
+  if not rule.needs_gram:
+    raise ValueError(f"on_shared_params: {rule.name} does not use the task-gradient Gram matrix, "
+                     "so it has nothing to restrict to the shared parameters.")
+  keep = param_filter(shared, f"on_shared_params({rule.name}): shared")
+  if keep is None:
+    return tx
+  if rule.gram_filter is not None:
+    raise ValueError(f"on_shared_params: {rule.name} already takes its Gram matrix on parameters "
+                     "of its own choice (e.g. GradNorm's layer=...); set them there.")
+  return task_weighting(dataclasses.replace(rule, gram_filter=keep), tx.num_tasks)
 
 
 def loss_weighting(
