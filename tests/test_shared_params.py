@@ -127,3 +127,10 @@ def test_bad_input():
   with pytest.raises(ValueError, match="selects no parameter; paths are.*trunk"):
     tx.update(grads, tx.init(None), None, task_losses=losses)
   assert ldro.on_shared_params(tx, None) is tx  # None: all parameters, the method unchanged
+
+
+def test_gin_method_hparams_pass_it():
+  from experiments.runner import configurables  # pylint: disable=g-import-not-at-top
+  tx = configurables.method(num_tasks=N, name="cagrad", hparams={"shared_params": "trunk"})
+  assert tx.rule.gram_filter is not None and tx.rule.gram_filter("['trunk']['kernel']")
+  assert not tx.rule.gram_filter("['heads']['head_0']")
