@@ -406,12 +406,27 @@ def _task_label(t: int) -> str:
   return f"task {t}" + (f" {TASK_NAMES[t]}" if t < len(TASK_NAMES) else "")
 
 
-def plot_curves(runs: Sequence[dict], names: Sequence[str], path: str,
-                title: Optional[str] = None) -> bool:
-  """Per-task training loss (fixed training subset) and test accuracy over steps."""
+def _pyplot():
+  """matplotlib's pyplot on the file-only Agg backend (imported when a figure is drawn)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(plt, fig, path: str, title: Optional[str]) -> None:
+  """Titles, lays out, writes and closes a figure."""
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_curves(runs: Sequence[dict], names: Sequence[str], path: str,
+                title: Optional[str] = None) -> bool:
+  """Per-task training loss (fixed training subset) and test accuracy over steps."""
+  plt = _pyplot()
   sel = [r for r in runs if r["run"] in names and r["records"]]
   if not sel:
     return False
@@ -431,20 +446,14 @@ def plot_curves(runs: Sequence[dict], names: Sequence[str], path: str,
       ax.grid(alpha=0.3)
     row[0].set_yscale("log")
     row[1].legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(plt, fig, path, title)
   return True
 
 
 def plot_weights(runs: Sequence[dict], names: Sequence[str], path: str,
                  title: Optional[str] = None) -> bool:
   """Task weights ``w`` over steps (one panel per run x seed)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
   sel = [r for r in runs if r["run"] in names and r["records"]]
   if not sel:
     return False
@@ -464,11 +473,7 @@ def plot_weights(runs: Sequence[dict], names: Sequence[str], path: str,
     ax.legend(fontsize=7)
   for ax in list(axes.flat)[len(sel):]:
     ax.axis("off")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(plt, fig, path, title)
   return True
 
 
