@@ -21,7 +21,10 @@ The validation losses are the baselines ``b_i`` of Baselined-DRO
 relative perplexity (Eq. 3) in ``experiments/lm_table.py``.
 
 Languages default to ``LANGUAGES`` of the parsed config; ``--languages`` picks
-a subset (e.g. to split the work over processes). The JSON always covers every
+a subset. Several processes may run side by side on the same root: each
+trains the languages no other has claimed (``<lang>/.claim``), then waits for
+the others' and trains any whose process stopped before the end, so every
+process ends with all its languages trained. The JSON always covers every
 language of the config that has a finished run.
 """
 
@@ -45,6 +48,7 @@ from experiments.runner import metrics_io
 from experiments import train as train_lib  # defines --gin_file and --gin_bindings
 from experiments.runner import loop
 from experiments.runner import process
+from experiments.runner import workdir as workdir_lib
 
 _FLAGS: dict = {}
 
@@ -102,7 +106,8 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
   all_languages = list(query("LanguageModelingExperiment.languages"))
   todo = list(languages) if languages else all_languages
   mono = os.path.join(root, "mono")
-  for lang in todo:
+
+  def train_language(lang: str) -> None:
     workdir = os.path.join(mono, lang)
     _parse(gin_files, list(bindings) + [f"LANGUAGES = [{lang!r}]"])
     steps = int(query("train_and_evaluate.num_steps"))
@@ -118,6 +123,21 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
       print(f"[mono {lang}] best step {entry['step']}: validation loss "
             f"{entry['validation_loss']:.4f} (perplexity {entry['validation_perplexity']:.2f})",
             flush=True)
+
+  # Several processes may share the languages (lanes side by side): each trains the ones no
+  # other has claimed, then waits for the others' and takes over any left unfinished.
+  elsewhere = []
+  for lang in todo:
+    claim = workdir_lib.claim(os.path.join(mono, lang))
+    if claim is None:
+      print(f"[mono {lang}] training in another process; waiting for it at the end", flush=True)
+      elsewhere.append(lang)
+      continue
+    with claim:
+      train_language(lang)
+  for lang in elsewhere:
+    with workdir_lib.claim(os.path.join(mono, lang), block=True):
+      train_language(lang)
   table, missing = {}, []
   for lang in all_languages:
     entry = summarize_language(os.path.join(mono, lang))
@@ -132,9 +152,10 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
                    "missing": missing}}
   os.makedirs(mono, exist_ok=True)
   path = os.path.join(mono, "baselines.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  tmp = f"{path}.{os.getpid()}.tmp"  # a private name: several processes may write it
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
   print(f"wrote {path} ({len(table)} languages"
         + (f"; missing {', '.join(missing)}" if missing else "") + ")", flush=True)
   return data

@@ -43,7 +43,6 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   _cpu_runtime.configure_process("experiments.sweep")
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -60,6 +59,7 @@ from absl import flags
 
 from experiments.runner import metrics_io
 from experiments.runner import paths
+from experiments.runner import workdir as workdir_lib
 
 
 # The paper's grids (section 5.1).
@@ -431,15 +431,9 @@ def failed_error(workdir: str) -> Optional[str]:
 
 
 def _claim(workdir: str):
-  """Opens and exclusively ``flock``s ``<workdir>/.claim``; the open file, or None if another
-  sweep process holds it (the run is training in that sweep)."""
-  f = open(os.path.join(workdir, ".claim"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    f.close()
-    return None
-  return f
+  """The run's claim (:func:`experiments.runner.workdir.claim`), or None if another sweep
+  process holds it (the run is training in that sweep)."""
+  return workdir_lib.claim(workdir)
 
 
 def _held_elsewhere(workdir: str) -> bool:

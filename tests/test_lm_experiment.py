@@ -244,3 +244,40 @@ def test_mc4_source_with_mock_data():
   np.testing.assert_allclose(exp.sampling_rates, w / w.sum(), rtol=1e-6)
   assert exp.train_batch(0)["decoder_target_tokens"].shape == (2, L)
   assert exp.num_eval_rows["validation"][1] >= 1
+
+
+def test_monolingual_processes_share_the_languages(tmp_path, monkeypatch):
+  """A language another process holds is waited for, then trained only if that process
+  stopped before the end; every language ends trained once, and baselines.json lists them."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from experiments import monolingual  # pylint: disable=g-import-not-at-top
+  from experiments.runner import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  files = [f"gin_configs/multilingual/{f}" for f in ("monolingual.gin", "cpu.gin", "cpu_mono.gin")]
+  gin.clear_config()
+  train_lib.parse_gin(files, [])
+  langs = list(monolingual.query("LanguageModelingExperiment.languages"))[:3]
+  steps = int(monolingual.query("train_and_evaluate.num_steps"))
+  trained = []
+
+  def fake_train(workdir, quiet=True):  # one evaluation record at the last step
+    del quiet
+    trained.append(os.path.basename(workdir))
+    with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+      f.write(json.dumps({"step": steps, "task_loss": [1.5], "test_task_loss": [1.6]}) + "\n")
+  monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
+  mono = tmp_path / "mono"
+  # "Another process" holds languages 0 and 1: it finishes 0 and stops before finishing 1.
+  held = [workdir_lib.claim(str(mono / lang)) for lang in langs[:2]]
+  def other_process():
+    fake_train(str(mono / langs[0]))
+    for c in held:
+      c.close()
+  timer = threading.Timer(1.0, other_process)
+  timer.start()
+  try:
+    data = monolingual.run(str(tmp_path), files, [], languages=langs)
+  finally:
+    timer.join()
+  assert trained == [langs[2], langs[0], langs[1]]  # each language trained exactly once
+  assert sorted(data["languages"]) == sorted(langs)
+  assert data["languages"][langs[1]]["validation_loss"] == 1.5

@@ -41,6 +41,33 @@ def lock(workdir: str) -> str:
   return path
 
 
+def claim(workdir: str, block: bool = False):
+  """Exclusively ``flock``s ``<workdir>/.claim`` for the driver that trains the run.
+
+  Drivers that share a list of runs (sweep lanes, the monolingual baselines'
+  processes) each take the runs no other holds; the training process itself
+  locks ``.lock`` (:func:`lock`). The kernel drops the lock when its holder
+  exits, so a crashed driver blocks nothing.
+
+  Args:
+    workdir: the run's directory (created if missing).
+    block: wait for the holder to release it instead of giving up.
+
+  Returns:
+    The open claim file (close it to release the claim), or None if another
+    process holds it and ``block`` is False.
+  """
+  import fcntl  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  f = open(os.path.join(workdir, ".claim"), "a", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+  except BlockingIOError:
+    f.close()
+    return None
+  return f
+
+
 def unlock(path: Optional[str]) -> None:
   f = _WORKDIR_LOCKS.pop(path, None) if path else None
   if f is not None:
