@@ -134,3 +134,24 @@ def test_gin_method_hparams_pass_it():
   tx = configurables.method(num_tasks=N, name="cagrad", hparams={"shared_params": "trunk"})
   assert tx.rule.gram_filter is not None and tx.rule.gram_filter("['trunk']['kernel']")
   assert not tx.rule.gram_filter("['heads']['head_0']")
+
+
+def test_runner_lean_mode_takes_the_task_gradients(tmp_path):
+  """The runner's lean mode reuses a refresh step's task gradients for a filtered Gram matrix
+  (it cannot come from gram_fn) and trains as Jacobian mode does; other strategies are refused."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+  from experiments.runner import loop  # pylint: disable=g-import-not-at-top
+
+  def run(workdir, *bindings):
+    gin.clear_config()
+    train_lib.parse_gin(["gin_configs/synthetic/base.gin", "gin_configs/methods/cagrad.gin"],
+                        ["train_and_evaluate.num_steps = 6", "train_and_evaluate.eval_every = 6",
+                         "method.hparams = {'shared_params': 'r|phi'}", *bindings])
+    return loop.train_and_evaluate(str(workdir), quiet=True)
+  jac = run(tmp_path / "jacobian")
+  lean = run(tmp_path / "lean", "train_and_evaluate.mode = 'lean'")
+  np.testing.assert_allclose(lean[-1]["task_loss"], jac[-1]["task_loss"], rtol=1e-5)
+  with pytest.raises(ValueError, match="selected parameters.*gram_strategy 'chunked'"):
+    run(tmp_path / "chunked", "train_and_evaluate.mode = 'lean'",
+        "train_and_evaluate.gram_strategy = 'chunked'")

@@ -104,13 +104,24 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
                                    baseline_losses=baseline_losses)
   tx = optax.chain(weighting, *configurables.optimizer())
   needs_val = needs_validation(weighting, exp)
+  reuse = exp.reuse_refresh_grads
+  if mode == "lean" and getattr(getattr(weighting, "rule", None), "gram_filter", None):
+    # A Gram matrix on selected parameters (shared_params, GradNorm's layer) is taken from a
+    # refresh step's per-task gradients: lean mode's grouped strategy with their reuse.
+    if gram_strategy != "grouped" or reuse is False:
+      raise ValueError(
+          "a Gram matrix on selected parameters (method.hparams shared_params or layer) needs "
+          "the per-task gradients: use train_and_evaluate.mode = 'jacobian', or lean mode "
+          "with gram_strategy 'grouped' (got gram_strategy "
+          f"{gram_strategy!r}, reuse_refresh_grads {reuse}).")
+    reuse = True
 
   def builder(ps):
     return ldro_train.make_train_step(
         exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
         param_shardings=ps,
         losses_fn=exp.grouped_losses if (mode == "lean" or needs_val) else None,
-        reuse_refresh_grads=exp.reuse_refresh_grads, val_grads=needs_val)
+        reuse_refresh_grads=reuse, val_grads=needs_val)
   return Transform(tx, mode, builder, needs_val)
 
 
