@@ -671,6 +671,10 @@ def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
   on the shared parameters. This wrapper gives ``tx`` that matrix, from the
   leaves that ``shared`` selects; the method's rule is unchanged. For models
   whose parameters are all shared (ldro's CNN and decoder) it changes nothing.
+  For L-DRO the choice changes the model of the step: its lookahead
+  ``l_i - lam G_ij / sqrt(G_jj)`` is the first-order change of ``l_i`` under
+  the step, exact on all parameters (a head's step lowers its own task's
+  loss too); on the shared ones it counts only the interaction through them.
 
   The update is still ``sum_i c_i g_i`` on every parameter: a task-specific
   parameter receives ``c_i`` times its own task's gradient, as from the
