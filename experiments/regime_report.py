@@ -43,13 +43,16 @@ from experiments.runner import metrics_io
 from ldro import metrics as ldro_metrics
 
 #: (claim, metric, method A, method B): "A beats B on metric" (paper section 5.1, B.1).
+#: Claims in :data:`AT_LEAST` say "A is not below B": within noise they hold.
 CLAIMS = (
-    ("L-DRO's frontier dominates static mixing's (hypervolume)", "hypervolume", "ldro", "static"),
-    ("L-DRO's frontier dominates DRO's (hypervolume)", "hypervolume", "ldro", "dro"),
-    ("L-DRO's frontier dominates PCGrad's (hypervolume)", "hypervolume", "ldro", "pcgrad"),
-    ("L-DRO's frontier dominates avg/max's (hypervolume)", "hypervolume", "ldro", "avg_max"),
-    ("L-DRO reaches DRO's worst-task accuracy (best worst acc, L-DRO - DRO >= 0)",
-     "best_worst", "ldro", "dro"),
+    ("L-DRO's frontier has a larger hypervolume than static mixing's", "hypervolume", "ldro",
+     "static"),
+    ("L-DRO's frontier has a larger hypervolume than DRO's", "hypervolume", "ldro", "dro"),
+    ("L-DRO's frontier has a larger hypervolume than PCGrad's", "hypervolume", "ldro", "pcgrad"),
+    ("L-DRO's frontier has a larger hypervolume than avg/max's", "hypervolume", "ldro",
+     "avg_max"),
+    ("L-DRO reaches DRO's worst-task accuracy (best worst acc; does not hold only if "
+     "L-DRO - DRO < -2 SE)", "best_worst", "ldro", "dro"),
     ("L-DRO has higher average accuracy than DRO (best avg acc)", "best_average", "ldro", "dro"),
     ("Regime: DRO's best worst-task accuracy exceeds static mixing's", "best_worst", "dro",
      "static"),
@@ -60,6 +63,8 @@ CLAIMS = (
     ("L-DRO's worst-task accuracy at matched average beats DRO's",
      "worst_at_matched", "ldro", "dro"),
 )
+#: Non-inferiority claims among :data:`CLAIMS` (:func:`at_least_verdict`).
+AT_LEAST = frozenset({CLAIMS[4][0]})
 
 
 #: (claim, metric, run A, run B): the same comparisons between configurations fixed in
@@ -157,6 +162,11 @@ def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
   return "within noise", mean, se
 
 
+def at_least_verdict(verdict: str) -> str:
+  """The verdict of "A is not below B" from that of "A beats B": within noise, it holds."""
+  return "holds (within noise)" if verdict == "within noise" else verdict
+
+
 def load_runs(root: str) -> list[dict]:
   """Every ``<root>/<run>/seed<k>`` with its run.json fields, records, DONE flag and, for a
   run that failed and was not finished since (e.g. diverged), its error line (``failed``;
@@ -184,19 +194,44 @@ def load_runs(root: str) -> list[dict]:
   return runs
 
 
-def _points(runs, method, seed=None):
+def _points(runs, method, seed=None, configs=None):
+  """Every evaluation ``(average, worst)`` of the method's runs (of ``configs`` only, if
+  given) at ``seed`` (every seed if None)."""
   return np.array([[r["avg_accuracy"], r["worst_accuracy"]] for run in runs
                    if run["method"] == method and (seed is None or run["seed"] == seed)
+                   and (configs is None or run["run"] in configs)
                    for r in run["records"]]).reshape(-1, 2)
+
+
+def _done_seeds(runs, method) -> set:
+  """Seeds at which the method has at least one finished run."""
+  return {r["seed"] for r in runs if r["method"] == method and r["done"]}
+
+
+def complete_configs(runs, method, seeds) -> list[str]:
+  """The method's configurations finished at every one of ``seeds``.
+
+  A frontier compared across seeds must be built from the same configurations at each seed:
+  a configuration finished at some seeds only (a grid still running, a seed of a partial
+  grid) would make the method's pool differ from seed to seed.
+  """
+  done = {}
+  for r in runs:
+    if r["method"] == method and r["done"]:
+      done.setdefault(r["run"], set()).add(r["seed"])
+  return sorted(name for name, have in done.items() if set(seeds) <= have)
 
 
 def build_report(root: str, reference: Sequence[float] = (0.0, 0.0),
                  hard_task: Optional[int] = None) -> dict:
   """Per-method, per-seed frontier statistics and the claims' verdicts.
 
-  Statistics use every evaluation of every run of a method at that seed (the
-  paper's frontier "across epochs and hyper-parameter configurations").
-  ``worst_at_matched``: the best worst-task accuracy among a method's points
+  Statistics use every evaluation of the method's runs at that seed (the paper's
+  frontier "across epochs and hyper-parameter configurations"), of the
+  configurations finished at every seed compared (:func:`complete_configs`):
+  the per-method table over the seeds where the method has a finished run, a
+  claim over the seeds where both methods have one. Runs left out are listed
+  (``left_out``). ``worst_at_matched``: the best worst-task accuracy among a method's points
   with average accuracy at least the lowest of the compared methods' best
   averages at that seed (so both methods have an eligible point).
   """
@@ -205,16 +240,22 @@ def build_report(root: str, reference: Sequence[float] = (0.0, 0.0),
   seeds = sorted({r["seed"] for r in runs})
   stats = {}
   for m in methods:
+    m_seeds = sorted(_done_seeds(runs, m))
+    configs = complete_configs(runs, m, m_seeds)
     per = {}
-    for s in seeds:
-      p = _points(runs, m, s)
+    for s in m_seeds:
+      p = _points(runs, m, s, configs)
       if len(p):
         per[s] = {"hypervolume": ldro_metrics.hypervolume(p, reference),
                   "best_worst": float(p[:, 1].max()), "best_average": float(p[:, 0].max())}
-    pooled = _points(runs, m)
+    pooled = _points(runs, m, configs=configs)
     stats[m] = {
         "label": pareto.METHOD_LABELS.get(m, m),
         "runs": sorted({r["run"] for r in runs if r["method"] == m}),
+        "configs": configs,
+        "left_out": sorted(f"{r['run']}/seed{r['seed']}" for r in runs
+                           if r["method"] == m and (r["run"] not in configs
+                                                    or r["seed"] not in m_seeds)),
         "unfinished": sorted(f"{r['run']}/seed{r['seed']}" for r in runs
                              if r["method"] == m and not r["done"]),
         "hypervolume_per_seed": {str(s): v["hypervolume"] for s, v in per.items()},
@@ -226,21 +267,27 @@ def build_report(root: str, reference: Sequence[float] = (0.0, 0.0),
   for text, metric, a, b in CLAIMS:
     if a not in stats or b not in stats:
       continue
+    common = sorted(_done_seeds(runs, a) & _done_seeds(runs, b))
+    configs = {m: complete_configs(runs, m, common) for m in (a, b)}
     diffs = {}
-    for s in seeds:
-      pa, pb = _points(runs, a, s), _points(runs, b, s)
+    for s in common:
+      pa, pb = (_points(runs, m, s, configs[m]) for m in (a, b))
       if not len(pa) or not len(pb):
         continue
       if metric == "worst_at_matched":
         level = min(pa[:, 0].max(), pb[:, 0].max())
         diffs[s] = (ldro_metrics.best_worst_at_average(pa, level) -
                     ldro_metrics.best_worst_at_average(pb, level))
+      elif metric == "hypervolume":
+        diffs[s] = (ldro_metrics.hypervolume(pa, reference) -
+                    ldro_metrics.hypervolume(pb, reference))
       else:
-        key = {"hypervolume": "hypervolume_per_seed", "best_worst": "best_worst_per_seed",
-               "best_average": "best_average_per_seed"}[metric]
-        diffs[s] = stats[a][key][str(s)] - stats[b][key][str(s)]
+        col = {"best_worst": 1, "best_average": 0}[metric]
+        diffs[s] = float(pa[:, col].max() - pb[:, col].max())
     verdict, mean, se = paired_verdict(list(diffs.values()))
-    claims.append({"claim": text, "metric": metric, "a": a, "b": b,
+    if text in AT_LEAST:
+      verdict = at_least_verdict(verdict)
+    claims.append({"claim": text, "metric": metric, "a": a, "b": b, "configs": configs,
                    "diffs": {str(k): float(v) for k, v in diffs.items()},
                    "mean": mean, "se": se, "verdict": verdict})
   tails = {}
@@ -278,9 +325,9 @@ def plateau_stats(records: Sequence[dict], window: int = 4) -> Optional[dict]:
 
   Compares the mean ``task_train_loss`` (fixed training subset) over the last
   ``window`` evaluations with the mean over the ``window`` before them: the
-  change, the evaluations' spread (standard deviation over the last
-  ``2 * window``) and ``plateau = |change| < 2 * standard error of the
-  change`` (the same 2-SE rule as the claims, with the evaluations as samples).
+  change, its standard error and ``plateau = change > -2 * standard error``:
+  no significant decrease (the 2-SE rule of the claims, one-sided, with the
+  evaluations as samples; a loss that rises is not still being learnt).
 
   Returns:
     ``{'steps': [first, last], 'tasks': [{'last': ..., 'change': ..., 'se': ...,
@@ -327,8 +374,11 @@ def markdown(report: dict) -> str:
   """The report as markdown: per-method table (mean ± SE over seeds) and the claims."""
   seeds = report["seeds"]
   lines = [f"Seeds: {', '.join(map(str, seeds))}. Rule: {report['rule']}.", "",
-           "| method | runs | hypervolume per seed | hypervolume mean ± SE | best worst acc "
-           "mean ± SE (%) | best avg acc mean ± SE (%) | unfinished |",
+           "Each method's frontier is built from its configurations finished at every seed "
+           "(for a claim: at every seed both methods have); `left out` lists the runs this "
+           "leaves out of the table (unfinished, or missing at a seed).", "",
+           "| method | configurations | hypervolume per seed | hypervolume mean ± SE | best "
+           "worst acc mean ± SE (%) | best avg acc mean ± SE (%) | left out |",
            "|---|---|---|---|---|---|---|"]
 
   def mse(d, scale=1.0, digits=4):
@@ -337,9 +387,10 @@ def markdown(report: dict) -> str:
   for m, s in report["methods"].items():
     per = " / ".join(f"{s['hypervolume_per_seed'][str(k)]:.4f}" if str(k) in
                      s["hypervolume_per_seed"] else "-" for k in seeds)
-    lines.append(f"| {s['label']} | {len(s['runs'])} | {per} | {mse(s['hypervolume_per_seed'])} | "
-                 f"{mse(s['best_worst_per_seed'], 100, 2)} | "
-                 f"{mse(s['best_average_per_seed'], 100, 2)} | {len(s['unfinished'])} |")
+    lines.append(f"| {s['label']} | {len(s['configs'])} | {per} | "
+                 f"{mse(s['hypervolume_per_seed'])} | {mse(s['best_worst_per_seed'], 100, 2)} | "
+                 f"{mse(s['best_average_per_seed'], 100, 2)} | "
+                 f"{', '.join(s['left_out']) or '-'} |")
   lines += ["", "| claim | paired differences per seed | mean ± SE | verdict |",
             "|---|---|---|---|"]
   for c in report["claims"]:

@@ -163,6 +163,38 @@ def test_report_on_fake_runs(tmp_path):
   assert "hypervolume" in md and "holds" in md
 
 
+def test_frontier_claims_use_the_same_configurations_at_every_seed(tmp_path):
+  """A configuration finished at some seeds only stays out of every frontier statistic, so a
+  method is compared with the same pool at each seed (and it is listed as left out)."""
+  root = tmp_path / "runs"
+  for seed in range(3):
+    _write_run(root, "static", "static", seed, [(100, [0.8, 0.5 + 0.01 * seed])])
+    _write_run(root, "dro-eta1e-2", "dro", seed, [(100, [0.7, 0.6])])
+    _write_run(root, "ldro-a", "ldro", seed, [(100, [0.75, 0.55 + 0.01 * seed])])
+  _write_run(root, "ldro-b", "ldro", 0, [(100, [0.9, 0.9])])  # seed 0 only: left out
+  unfinished = root / "ldro-a" / "seed3"
+  _write_run(root, "ldro-a", "ldro", 3, [(100, [0.99, 0.99])])
+  (unfinished / "DONE").unlink()  # an unfinished run at a seed no other method has
+  report = regime_report.build_report(str(root))
+  ldro = report["methods"]["ldro"]
+  assert ldro["configs"] == ["ldro-a"]
+  assert ldro["left_out"] == ["ldro-a/seed3", "ldro-b/seed0"]
+  assert list(ldro["best_worst_per_seed"]) == ["0", "1", "2"]
+  np.testing.assert_allclose(list(ldro["best_worst_per_seed"].values()), [0.55, 0.56, 0.57])
+  claims = {c["claim"]: c for c in report["claims"]}
+  reach = claims[next(iter(regime_report.AT_LEAST))]
+  assert reach["configs"] == {"ldro": ["ldro-a"], "dro": ["dro-eta1e-2"]}
+  np.testing.assert_allclose(list(reach["diffs"].values()), [-0.05, -0.04, -0.03])
+  assert reach["verdict"] == "does not hold"
+  hv = claims["L-DRO's frontier has a larger hypervolume than static mixing's"]
+  # one point each: (average, worst) = (mean, min) of the task accuracies
+  np.testing.assert_allclose(list(hv["diffs"].values()),
+                             [(0.65 + k / 200) * 0.05 for k in range(3)])
+  assert "ldro-b/seed0" in regime_report.markdown(report)
+  assert regime_report.at_least_verdict("within noise") == "holds (within noise)"
+  assert regime_report.at_least_verdict("does not hold") == "does not hold"
+
+
 def test_every_regime_run_parses_with_the_regime_settings(gin_config):
   import gin  # pylint: disable=g-import-not-at-top
   noises = {"cifar10_hard_task": {"task": "cat/dog", "fraction": 0.4},
