@@ -562,7 +562,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
         raise ValueError(f"{name}: a Gram matrix on selected parameters (gram_filter) needs the "
                          "per-task gradients: use Jacobian mode, or lean mode with "
                          "task_grads_fn=... (not gram_fn/gram; ldro.train.make_train_step(..., "
-                         "reuse_refresh_grads=True) passes it).")
+                         "gram_strategy='grouped', reuse_refresh_grads=True) passes it).")
       if len(given) > 1 and "task_grads_fn" in given:
         raise ValueError(f"{name}: task_grads_fn=... replaces gram_fn/gram; pass task_vjp and "
                          f"task_grads_fn only (got {', '.join(given)}).")
@@ -666,9 +666,12 @@ def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
 
   so every pair looks less conflicting and a task with a large head gradient
   looks larger than it is in the shared parameters, where the tasks compete.
-  The methods' original code (MGDA's on the shared representation, Nash-MTL,
-  CAGrad, IMTL-G, Aligned-MTL; LibMTL for all) uses ``G^sh``, the Gram matrix
-  on the shared parameters. This wrapper gives ``tx`` that matrix, from the
+  The reference implementations combine the gradients of the shared
+  parameters: LibMTL for every gradient method (its ``_compute_grad_dim`` and
+  ``_grad2vec`` run over ``get_share_params()``), Nash-MTL's
+  ``get_weighted_loss(shared_parameters, ...)``, and the exact MGDA of Sener
+  and Koltun's code (their MGDA-UB uses the gradients with respect to the
+  shared representation instead). This wrapper gives ``tx`` ``G^sh``, from the
   leaves that ``shared`` selects; the method's rule is unchanged. For models
   whose parameters are all shared (ldro's CNN and decoder) it changes nothing.
   For L-DRO the choice changes the model of the step: its lookahead
@@ -678,13 +681,15 @@ def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
 
   The update is still ``sum_i c_i g_i`` on every parameter: a task-specific
   parameter receives ``c_i`` times its own task's gradient, as from the
-  backward pass of ``sum_i c_i l_i`` in the Nash-MTL and MGDA code (LibMTL
-  instead gives task-specific parameters their unweighted gradient).
+  backward pass of ``sum_i c_i l_i`` in the Nash-MTL code and Sener and
+  Koltun's MGDA. (LibMTL's MGDA, CAGrad and PCGrad, and the CAGrad authors'
+  code, leave the task-specific parameters their unweighted gradient; its
+  Nash-MTL weights them as here.)
 
   It needs the per-task gradients on a refresh step: Jacobian mode, or lean
   mode with ``task_grads_fn`` (``ldro.train.make_train_step(...,
-  reuse_refresh_grads=True)``); a Gram matrix computed on all parameters
-  (``gram_fn``, ``gram``) is refused.
+  gram_strategy='grouped', reuse_refresh_grads=True)``); a Gram matrix
+  computed on all parameters (``gram_fn``, ``gram``) is refused.
 
   Args:
     tx: a task-weighting method that uses the Gram matrix (e.g.

@@ -258,26 +258,30 @@ def test_monolingual_processes_share_the_languages(tmp_path, monkeypatch):
   langs = list(monolingual.query("LanguageModelingExperiment.languages"))[:3]
   steps = int(monolingual.query("train_and_evaluate.num_steps"))
   trained = []
+  mono = tmp_path / "mono"
+  # "Another process" holds languages 0 and 1: it finishes 0 and stops before finishing 1,
+  # half a second after this process trained the free language 2 (so this one waits for it).
+  held = [workdir_lib.claim(str(mono / lang)) for lang in langs[:2]]
+
+  def other_process():
+    fake_train(str(mono / langs[0]))
+    for c in held:
+      c.close()
+  other = threading.Timer(0.5, other_process)
 
   def fake_train(workdir, quiet=True):  # one evaluation record at the last step
     del quiet
     trained.append(os.path.basename(workdir))
     with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
       f.write(json.dumps({"step": steps, "task_loss": [1.5], "test_task_loss": [1.6]}) + "\n")
+    if trained == [langs[2]]:
+      other.start()
   monkeypatch.setattr(loop, "train_and_evaluate", fake_train)
-  mono = tmp_path / "mono"
-  # "Another process" holds languages 0 and 1: it finishes 0 and stops before finishing 1.
-  held = [workdir_lib.claim(str(mono / lang)) for lang in langs[:2]]
-  def other_process():
-    fake_train(str(mono / langs[0]))
-    for c in held:
-      c.close()
-  timer = threading.Timer(1.0, other_process)
-  timer.start()
   try:
     data = monolingual.run(str(tmp_path), files, [], languages=langs)
   finally:
-    timer.join()
+    if other.is_alive():
+      other.join()
   assert trained == [langs[2], langs[0], langs[1]]  # each language trained exactly once
   assert sorted(data["languages"]) == sorted(langs)
   assert data["languages"][langs[1]]["validation_loss"] == 1.5

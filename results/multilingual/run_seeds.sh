@@ -14,7 +14,8 @@
 # ends by writing results/multilingual/seeds/table1_seeds.md (experiments/lm_table.py: mean ± std
 # per run, the paper's claims as paired verdicts); the last lane to end writes the full table.
 set -u
-cd "$(dirname "$0")/../.."
+SELF=$(realpath "$0")  # the lanes re-run this script after the cd below
+cd "$(dirname "$SELF")/../.."
 ROOT=${ROOT:-workdirs/multilingual_seeds}
 G=gin_configs/multilingual
 HEAVY=${HEAVY:-nice -n 19}
@@ -49,7 +50,7 @@ case "${1:-run}" in
       if [ -f "$pidf" ] && kill -0 -- -"$(cat "$pidf")" 2>/dev/null; then
         echo "lane $name already running (process group $(cat "$pidf"))"; continue
       fi
-      setsid nohup bash "$0" _lane >> "$log" 2>&1 < /dev/null &
+      setsid nohup bash "$SELF" _lane >> "$log" 2>&1 < /dev/null &
       echo $! > "$pidf"
       echo "lane $name started (process group $!, log $log)"
     done ;;

@@ -13,7 +13,8 @@
 #   bash results/worst_group/image/run.sh stop     # every lane
 #   bash results/worst_group/image/sync.sh        # copy finished runs into results/, regenerate the tables
 set -u
-cd "$(dirname "$0")/../../.."
+SELF=$(realpath "$0")  # the lanes re-run this script after the cd below
+cd "$(dirname "$SELF")/../../.."
 W=workdirs/worst_group_image
 mkdir -p $W
 
@@ -52,7 +53,7 @@ case "${1:-start}" in
       if [ -f $pidf ] && kill -0 -- -"$(cat $pidf)" 2>/dev/null; then
         echo "lane $name already running (process group $(cat $pidf))"; continue
       fi
-      setsid nohup bash "$0" _lane $name >> $log 2>&1 < /dev/null &
+      setsid nohup bash "$SELF" _lane $name >> $log 2>&1 < /dev/null &
       echo $! > $pidf
       echo "lane $name started (process group $!, log $log)"
     done ;;
