@@ -304,18 +304,24 @@ CLAIMS = (("L-DRO", "avg_perplexity"), ("L-DRO", "avg_relative"),
           ("DRO", "worst_perplexity"), ("Baselined-DRO", "worst_relative"))
 
 
-def seeds_of(root: str) -> list[int]:
-  """The seeds of a sweep root's runs (``<root>/<run>/seed<k>/metrics.jsonl``)."""
-  found = set()
-  for name in os.listdir(root):
+def _seed_runs(root: str) -> dict[tuple[str, int], bool]:
+  """``{(run, seed): finished}`` for a sweep root's ``<run>/seed<k>/metrics.jsonl``;
+  finished: the sweep marked it ``DONE`` (a run still training, or failed, is not)."""
+  found = {}
+  for name in sorted(os.listdir(root)):
     run_dir = os.path.join(root, name)
     if not os.path.isdir(run_dir):
       continue
     for sub in os.listdir(run_dir):
       m = re.fullmatch(r"seed(\d+)", sub)
       if m and os.path.isfile(os.path.join(run_dir, sub, "metrics.jsonl")):
-        found.add(int(m.group(1)))
-  return sorted(found)
+        found[(name, int(m.group(1)))] = os.path.isfile(os.path.join(run_dir, sub, "DONE"))
+  return found
+
+
+def seeds_of(root: str) -> list[int]:
+  """The seeds of a sweep root's finished runs (``<root>/<run>/seed<k>/``, ``DONE``)."""
+  return sorted({k for (_, k), done in _seed_runs(root).items() if done})
 
 
 def build_seeded_table(root: str, mono_path: str, split: str = "test") -> dict:
@@ -338,13 +344,15 @@ def build_seeded_table(root: str, mono_path: str, split: str = "test") -> dict:
     a run row has ``'<key>'`` = mean, ``'<key>_std'`` and ``'seeds'``.
   """
   from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  found = _seed_runs(root)
   seeds = seeds_of(root)
   if not seeds:
-    raise ValueError(f"no runs with <run>/seed<k>/metrics.jsonl under {root}")
+    raise ValueError(f"no finished runs (<run>/seed<k>/ with metrics.jsonl and DONE) under "
+                     f"{root}")
   per_seed = {}
   for k in seeds:
-    entries = [(name, os.path.join(root, name, f"seed{k}")) for name in sorted(os.listdir(root))
-               if os.path.isfile(os.path.join(root, name, f"seed{k}", "metrics.jsonl"))]
+    entries = [(name, os.path.join(root, name, f"seed{k}")) for (name, seed), done
+               in sorted(found.items()) if seed == k and done]
     per_seed[k] = _build(entries, mono_path, split, f"{root}/*/seed{k}")
   languages = per_seed[seeds[0]]["languages"]
   for k, t in per_seed.items():
@@ -384,7 +392,9 @@ def build_seeded_table(root: str, mono_path: str, split: str = "test") -> dict:
                        "verdict": verdict, "mean": mean, "se": se, "seeds": common})
   return {"languages": languages, "split": split, "seeds": seeds, "per_seed": per_seed,
           "runs": runs, "claims": claims, "mono_path": mono_path
-          if os.path.exists(mono_path) else None}
+          if os.path.exists(mono_path) else None,
+          "unfinished": [f"{name}/seed{k}" for (name, k), done in sorted(found.items())
+                         if not done]}
 
 
 def _mean_std(r: dict, key: str) -> str:
@@ -401,6 +411,9 @@ def seeded_markdown(table: dict) -> str:
            "mean ± std over seeds)", "",
            "| run | method | seeds | avg perplexity | worst perplexity | avg relative (%) | "
            "worst relative (%) |", "|---|---|---|---:|---:|---:|---:|"]
+  unfinished = table.get("unfinished")
+  if unfinished:  # before the table: what it does not include yet
+    lines[1:1] = ["", f"Not finished, left out: {', '.join(unfinished)}."]
   for r in table["runs"]:
     lines.append(f"| {r['run']} | {r['label']} | {','.join(map(str, r['seeds']))} | "
                  + " | ".join(_mean_std(r, k) for k in KEYS) + " |")

@@ -212,6 +212,11 @@ def test_lm_table_over_seeds(tmp_path):
     _fake_run(str(root), f"ldro_lam0.1/seed{k}", [(0, [1.0 + jitter, 2.0 + jitter])], 0.0)
     if k < 2:  # DRO has two seeds only
       _fake_run(str(root), f"dro_lr1e-4/seed{k}", [(0, [1.0, 2.5])], 0.0)
+  for done in root.glob("*/seed*"):
+    (done / "DONE").write_text("x\n")
+  # A run still training (no DONE) is left out and listed.
+  _fake_run(str(root), "dro_lr1e-4/seed2", [(0, [0.5, 0.5])], 0.0)
+  _fake_run(str(root), "static_alpha0/seed3", [(0, [0.5, 0.5])], 0.0)
   assert lm_table.seeds_of(str(root)) == [0, 1, 2]
   table = lm_table.build_seeded_table(str(root), str(tmp_path / "no_mono.json"))
   runs = {r["run"]: r for r in table["runs"]}
@@ -229,7 +234,8 @@ def test_lm_table_over_seeds(tmp_path):
   lm_table.write_seeded_outputs(table, str(tmp_path / "out"))
   md = (tmp_path / "out" / "table1_seeds.md").read_text(encoding="utf-8")
   assert "| ldro_lam0.1 | L-DRO (lam0.1) | 0,1,2 |" in md and "# Seed 2" in md
-  with pytest.raises(ValueError, match="no runs with <run>/seed<k>/metrics.jsonl"):
+  assert "Not finished, left out: dro_lr1e-4/seed2, static_alpha0/seed3." in md
+  with pytest.raises(ValueError, match="no finished runs"):
     lm_table.build_seeded_table(str(tmp_path / "out"), "none.json")
 
 
