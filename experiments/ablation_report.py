@@ -175,16 +175,25 @@ def _read(path: str) -> Optional[str]:
     return f.read().strip()
 
 
-def cell(seeds: dict, key: tuple[str, str]) -> dict:
+def cell(seeds: dict, key: tuple[str, str], use: Optional[set] = None) -> dict:
   """Mean ± std over the finished seeds of one run (``seeds``: its seed summaries or {}).
+
+  Args:
+    seeds: the run's seed summaries.
+    key: ``(root, run)``.
+    use: only these seeds (those every cell of the row's group has, so the cells side by
+      side are means over the same seeds); None: every finished seed.
 
   Returns:
     ``{'root', 'run', 'status': 'ok' | 'unfinished' | 'missing', 'seeds': [...],
-    'avg': {seed: value}, 'worst': {seed: value}, 'avg_mean', 'avg_std', 'worst_mean',
-    'worst_std', 'n'}``; std NaN with fewer than 2 seeds, means NaN with none.
+    'unpaired': [...], 'avg': {seed: value}, 'worst': {seed: value}, 'avg_mean',
+    'avg_std', 'worst_mean', 'worst_std', 'n'}``; ``unpaired``: finished seeds left out by
+    ``use``; std NaN with fewer than 2 seeds, means NaN with none.
   """
-  ok = {s: v["tail"] for s, v in sorted(seeds.items()) if v["tail"] is not None}
+  done = {s: v["tail"] for s, v in sorted(seeds.items()) if v["tail"] is not None}
+  ok = {s: t for s, t in done.items() if use is None or s in use}
   out = {"root": key[0], "run": key[1], "seeds": sorted(ok), "n": len(ok),
+         "unpaired": sorted(set(done) - set(ok)),
          "status": "ok" if ok else ("unfinished" if seeds else "missing"),
          "avg": {s: t["tail_avg"] for s, t in ok.items()},
          "worst": {s: t["tail_worst"] for s, t in ok.items()}}
@@ -218,35 +227,43 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
   found = {"regime": _seed_summaries(_load(regime_root, "regime_root"), "regime", expected),
            "ablations": _seed_summaries(_load(ablations_root, "ablations_root"), "ablations",
                                         expected)}
-  cells = {}
+  def finished(key) -> set:
+    return {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
 
-  def get(key):
-    if key not in cells:
-      cells[key] = cell(found[key[0]].get(key[1], {}), key)
-    return cells[key]
+  def group(specs):
+    """Rows ``(key, reference key, fields)`` shown side by side (one setting's intervals,
+    a renormalisation pair, one model size): each cell is the mean over the seeds all of
+    them have finished (cells with none yet do not count), so the table and the figure set
+    means over the same seeds side by side; each paired comparison uses every seed its two
+    runs share."""
+    have = [finished(k) for k, _, _ in specs if finished(k)]
+    use = set.intersection(*have) if have else set()
+    rows = []
+    for key, ref_key, extra in specs:
+      out = dict(extra, cell=cell(found[key[0]].get(key[1], {}), key, use))
+      if ref_key is not None:
+        every = [cell(found[k[0]].get(k[1], {}), k) for k in (key, ref_key)]
+        out["reference"] = ref_key[1]
+        out["vs_reference"] = {m: compare(*every, m) for m in ("avg", "worst")}
+      rows.append(out)
+    return rows
 
-  def row(key, ref_key=None, **extra):
-    c = get(key)
-    out = dict(extra, cell=c)
-    if ref_key is not None:
-      ref = get(ref_key)
-      out["reference"] = ref_key[1]
-      out["vs_reference"] = {m: compare(c, ref, m) for m in ("avg", "worst")}
-    return out
-
-  ew = get(("regime", EW_RUN))
-  interval = [row(_t_run(s, t), None if t == MAIN_T else _t_run(s, MAIN_T), eta=s[0],
-                  lam=s[1], T=t)
-              for s in lay["settings"] for t in lay["intervals"]]
+  ew = cell(found["regime"].get(EW_RUN, {}), ("regime", EW_RUN))
+  interval = []
+  for s in lay["settings"]:
+    interval += group([(_t_run(s, t), None if t == MAIN_T else _t_run(s, MAIN_T),
+                        {"eta": s[0], "lam": s[1], "T": t}) for t in lay["intervals"]])
   renorm = []
   if lay["norenorm_t"] is not None:
     for s in lay["settings"]:
-      on = _t_run(s, lay["norenorm_t"])
-      renorm += [row(on, eta=s[0], lam=s[1], T=lay["norenorm_t"], renormalise=True),
-                 row(_norenorm_run(s, lay["norenorm_t"]), on, eta=s[0], lam=s[1],
-                     T=lay["norenorm_t"], renormalise=False)]
-  size = [row(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN), size=z, method=m)
-          for z in lay["sizes"] for m in lay["size_methods"]]
+      on, t = _t_run(s, lay["norenorm_t"]), lay["norenorm_t"]
+      renorm += group([(on, None, {"eta": s[0], "lam": s[1], "T": t, "renormalise": True}),
+                       (_norenorm_run(s, t), on,
+                        {"eta": s[0], "lam": s[1], "T": t, "renormalise": False})])
+  size = []
+  for z in lay["sizes"]:
+    size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
+                    {"size": z, "method": m}) for m in lay["size_methods"]])
   missing = []
   for key in expected:  # the sweeps' order
     done = {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
@@ -282,7 +299,11 @@ def _pm(c: dict, metric: str) -> str:
     return "not run yet"
   if c["status"] == "unfinished":
     return "unfinished"
-  return regime_report.pm(c[f"{metric}_mean"], c[f"{metric}_std"], 100, 2) + f" (n={c['n']})"
+  unpaired = c.get("unpaired")
+  note = (f"; seed{'s' if len(unpaired) > 1 else ''} {', '.join(map(str, unpaired))} not in "
+          "every row") if unpaired else ""
+  return (regime_report.pm(c[f"{metric}_mean"], c[f"{metric}_std"], 100, 2) +
+          f" (n={c['n']}{note})")
 
 
 def _pct(x: Optional[float]) -> str:
