@@ -170,7 +170,8 @@ def at_least_verdict(verdict: str) -> str:
 def load_runs(root: str) -> list[dict]:
   """Every ``<root>/<run>/seed<k>`` with its run.json fields, records, DONE flag and, for a
   run that failed and was not finished since (e.g. diverged), its error line (``failed``;
-  None otherwise)."""
+  None otherwise). ``made_as``: the run and seed its ``run.json`` names when they differ
+  from its directory (a run copied in from elsewhere; the reports list it), else None."""
   if not os.path.isdir(root):
     raise FileNotFoundError(f"sweep root not found: {root!r}")
   runs = []
@@ -183,9 +184,13 @@ def load_runs(root: str) -> list[dict]:
       with open(os.path.join(dirpath, "run.json"), encoding="utf-8") as f:
         info = json.load(f)
     name = os.path.relpath(os.path.dirname(dirpath), root)
+    seed = int(m.group(1))
+    made_as = None
+    if info.get("run", name) != name or info.get("seed", seed) != seed:
+      made_as = f"{info.get('run', name)}/seed{info.get('seed', seed)}"
     records = metrics_io.read_metrics(os.path.join(dirpath, "metrics.jsonl"))
     runs.append({"run": name, "method": info.get("method") or name.split("-", 1)[0],
-                 "seed": int(m.group(1)), "done": "DONE" in filenames, "dir": dirpath,
+                 "seed": seed, "done": "DONE" in filenames, "dir": dirpath, "made_as": made_as,
                  "failed": (sweep.failed_error(dirpath)
                             if "FAILED" in filenames and "DONE" not in filenames else None),
                  "records": [r for r in records if "avg_accuracy" in r]})
@@ -312,6 +317,8 @@ def build_report(root: str, reference: Sequence[float] = (0.0, 0.0),
   final = {f"{r['run']}/seed{r['seed']}": r["records"][-1]["task_accuracy"] for r in runs
            if r["records"]}
   return {"root": root, "seeds": seeds, "methods": stats, "claims": claims, "hard_task": hard_task,
+          "made_elsewhere": [f"{r['run']}/seed{r['seed']} (run.json: {r['made_as']})"
+                             for r in runs if r["made_as"]],
           "plateau_equal_weights": plateaus, "final_task_accuracy": final, "tail": tails,
           "rule": "paired difference over seeds: holds if mean > 2 SE, does not hold if "
                   "mean < -2 SE, else within noise; one seed: no verdict",
@@ -403,6 +410,9 @@ def markdown(report: dict) -> str:
   lines.append("")
   lines.append("(hypervolume in accuracy fractions; accuracy differences in points; weights "
                "as fractions.)")
+  if report.get("made_elsewhere"):
+    lines += ["", "Counted, but made under another run's name (its run.json): " +
+              ", ".join(report["made_elsewhere"])]
   plats = {k: v for k, v in report.get("plateau_equal_weights", {}).items() if v}
   if plats:
     lines += ["", "Equal weights, per-task training loss (500 fixed training examples per task): "

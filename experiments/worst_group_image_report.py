@@ -160,15 +160,18 @@ def _verdict(diffs, rule):
   return verdict, mean, se
 
 
-def _cells(root: str) -> tuple[dict, list, list]:
-  """``({(regime, method): {seed: summary}}, unfinished, failed)`` of a methods sweep root."""
+def _cells(root: str) -> tuple[dict, list, list, list]:
+  """``({(regime, method): {seed: summary}}, unfinished, failed, made elsewhere)`` of a
+  methods sweep root; made elsewhere: counted runs whose run.json names another run."""
   from experiments import regime_report  # pylint: disable=g-import-not-at-top
   cells = {}
-  unfinished, failed = [], []
+  unfinished, failed, elsewhere = [], [], []
   for run in regime_report.load_runs(root):
     regime, _, method = run["run"].partition("-")
     if regime not in REGIMES or method not in METHODS:
       continue  # e.g. JTT's stage 1
+    if run["made_as"]:
+      elsewhere.append(f"{run['run']}/seed{run['seed']} (run.json: {run['made_as']})")
     if run["failed"] is not None:  # a result too (e.g. diverged)
       failed.append(f"{run['run']}/seed{run['seed']}: {run['failed']}")
       continue
@@ -176,13 +179,13 @@ def _cells(root: str) -> tuple[dict, list, list]:
       unfinished.append(f"{run['run']}/seed{run['seed']}")
       continue
     cells.setdefault((regime, method), {})[run["seed"]] = summarize(run["records"], run["run"])
-  return cells, unfinished, failed
+  return cells, unfinished, failed, elsewhere
 
 
 def methods_report(root: str) -> dict:
   """Per (regime, method, seed) the selected test metrics; per (regime, method) mean and std
   over seeds; the claims with paired verdicts (seeds pair runs with the same data and cue)."""
-  cells, unfinished, failed = _cells(root)
+  cells, unfinished, failed, elsewhere = _cells(root)
   rows = []
   for regime in REGIMES:
     for method in METHODS:
@@ -206,7 +209,7 @@ def methods_report(root: str) -> dict:
     claims.append({"claim": text, "verdict": verdict, "mean": mean, "se": se,
                    "seeds": seeds})
   return {"root": root, "rows": rows, "claims": claims, "unfinished": unfinished,
-          "failed": failed}
+          "failed": failed, "made_elsewhere": elsewhere}
 
 
 def claim10_report(roots: dict) -> dict:
@@ -285,6 +288,9 @@ def methods_markdown(report: dict) -> str:
                  f"{','.join(map(str, c['seeds'])) or '-'} |")
   if report["unfinished"]:
     lines += ["", "Unfinished (not counted): " + ", ".join(report["unfinished"])]
+  if report.get("made_elsewhere"):
+    lines += ["", "Counted, but made under another run's name (its run.json): " +
+              ", ".join(report["made_elsewhere"])]
   if report.get("failed"):
     lines += ["", "Failed (not counted; the sweep's FAILED file holds the error):", ""]
     lines += [f"- {f}" for f in report["failed"]]

@@ -35,7 +35,14 @@ def test_methods_report_selects_and_pairs_seeds(tmp_path):
                                        _record(150, m, 0.86, 0.5, 0.9, 0.1)])
   _write(tmp_path, "pre-jtt_stage1", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5)])  # not a method row
   _write(tmp_path, "pre-jtt", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5)], done=False)
+  # A run copied in from elsewhere (its run.json names another run): counted, and listed.
+  _write(tmp_path, "scratch-mtl", 0, [_record(0, 0, 0.5, 0, 0.5, 0.5),
+                                      _record(75, 0.5, 0.8, 0.9, 0.8, 0.2)])
+  (tmp_path / "scratch-mtl" / "seed0" / "run.json").write_text(json.dumps(
+      {"run": "mtl-aux-1-reg-1", "method": "mtl", "seed": 0}))
   rep = report_lib.write_methods(str(tmp_path), str(tmp_path / "out"), figure=False)
+  assert rep["made_elsewhere"] == ["scratch-mtl/seed0 (run.json: mtl-aux-1-reg-1/seed0)"]
+  assert "made under another run's name" in (tmp_path / "out" / "methods.md").read_text()
   rows = {(r["regime"], r["method"]): r for r in rep["rows"]}
   erm = rows[("pre", "erm")]
   assert erm["seeds"] == [0, 1, 2]
