@@ -145,11 +145,11 @@ def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
 
   Returns:
     ``(verdict, mean, standard error)``; verdict ``'holds'``, ``'does not
-    hold'``, ``'within noise'`` or ``'one seed'`` (fewer than 2 differences;
-    standard error NaN).
+    hold'``, ``'within noise'``, ``'one seed'`` (fewer than 2 differences;
+    standard error NaN) or ``'no data'`` (none, or one not finite).
   """
   d = np.asarray(list(diffs), np.float64)
-  if d.size == 0:
+  if d.size == 0 or not np.all(np.isfinite(d)):  # e.g. a run that logs no task weights
     return "no data", math.nan, math.nan
   mean = float(d.mean())
   if d.size < 2:

@@ -144,6 +144,7 @@ def test_paired_verdict_rule():
   assert regime_report.paired_verdict([-0.02, -0.03, -0.025])[0] == "does not hold"
   assert regime_report.paired_verdict([0.05, -0.04, 0.01])[0] == "within noise"
   assert regime_report.paired_verdict([0.05])[0] == "one seed"
+  assert regime_report.paired_verdict([0.05, float("nan"), 0.04])[0] == "no data"
 
 
 def test_report_on_fake_runs(tmp_path):
