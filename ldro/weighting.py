@@ -92,8 +92,14 @@ def check_task_mask(task_mask: Optional[Array], num_tasks: int, method: str) -> 
   return task_mask.astype(bool)
 
 
-def check_task_grads(updates: PyTree, num_tasks: int, method: str) -> None:
-  """Checks that every leaf of ``updates`` has a leading task axis ``N``."""
+def check_task_grads(updates: PyTree, num_tasks: int, method: str,
+                     params: Optional[PyTree] = None) -> None:
+  """Checks that every leaf of ``updates`` has a leading task axis ``N``.
+
+  With ``params``, gradients shaped like the parameters get a hint: they are one
+  gradient, e.g. from a wrapper that accumulates parameter-shaped gradients
+  (``optax.MultiSteps``), which cannot carry per-task ones.
+  """
   leaves = jax.tree_util.tree_leaves(updates)
   if not leaves:
     raise ValueError(
@@ -101,9 +107,20 @@ def check_task_grads(updates: PyTree, num_tasks: int, method: str) -> None:
         f"of size {num_tasks}, or task_vjp=... (lean mode).")
   for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
     if leaf.ndim == 0 or leaf.shape[0] != num_tasks:
+      hint = ""
+      try:
+        like_params = params is not None and jax.tree_util.tree_all(jax.tree_util.tree_map(
+            lambda u, p: jnp.shape(u) == jnp.shape(p), updates, params))
+      except ValueError:  # not the structure of the parameters
+        like_params = False
+      if like_params:
+        hint = (" These are shaped like the parameters: one gradient, not N per-task ones "
+                "(vmap(grad) over the task-grouped batch). optax.MultiSteps accumulates "
+                "parameter-shaped gradients and cannot wrap a task-weighting method: sum the "
+                "per-task gradients of the micro-batches yourself and call update once.")
       raise ValueError(
           f"{method}: every leaf of the per-task gradients needs a leading task axis of size "
-          f"{num_tasks}; leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}.")
+          f"{num_tasks}; leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}.{hint}")
 
 
 def check_num_tasks(num_tasks: Any, method: str) -> int:
@@ -530,7 +547,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
                 task_grads_fn: Optional[Callable[[], PyTree]] = None,
                 val_grads: Optional[PyTree] = None,
                 **extra_args):
-    del params, extra_args
+    del extra_args
     n = state.task_weights.shape[0]
     lean = task_vjp is not None
     if lean and not rule.lean:
@@ -550,7 +567,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
       if task_grads_fn is not None:
         raise ValueError(f"{name}: task_grads_fn=... is for lean mode (with task_vjp=...); in "
                          "Jacobian mode pass the per-task gradients as updates.")
-      check_task_grads(updates, n, name)
+      check_task_grads(updates, n, name, params)
     if lean and rule.needs_gram:
       given = [a for a, v in (("gram_fn", gram_fn), ("gram", gram),
                               ("task_grads_fn", task_grads_fn)) if v is not None]

@@ -412,6 +412,17 @@ def test_method_for_n_tasks_given_m():
     tx.update({"w": jnp.zeros((4, 2))}, state, params, task_losses=jnp.zeros((3,)))
 
 
+def test_parameter_shaped_gradients_name_multisteps():
+  """One gradient (parameter-shaped) instead of N per-task ones, e.g. through
+  optax.MultiSteps, which accumulates parameter-shaped gradients: the error says so."""
+  params = {"w": jnp.ones((4,))}
+  tx = optax.MultiSteps(optax.chain(ldro.ldro_weights(3, lookahead_lr=0.1, weight_lr=0.1),
+                                    optax.sgd(0.1)), every_k_schedule=2)
+  with pytest.raises(ValueError, match=r"shape \(4,\)\. These are shaped like the parameters.*"
+                                       r"optax\.MultiSteps"):
+    tx.update({"w": jnp.ones((3, 4))}, tx.init(params), params, task_losses=jnp.ones((3,)))
+
+
 def test_train_step_batch_with_other_task_count():
   """A jitted step built for N tasks, fed a batch with M: ValueError naming both."""
   tx = optax.chain(ldro.ldro_weights(num_tasks=3, lookahead_lr=0.1, weight_lr=0.1),
