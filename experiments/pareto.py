@@ -30,7 +30,7 @@ import json
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -222,13 +222,22 @@ def plot(points: Sequence[dict], summary: dict, path: str, title: Optional[str] 
 
 
 def write_outputs(root: str, out: str, metric: str = "accuracy",
-                  reference: Sequence[float] = (0.0, 0.0), title: Optional[str] = None) -> dict:
+                  reference: Sequence[float] = (0.0, 0.0), title: Optional[str] = None,
+                  keep: Optional[Callable[[dict], bool]] = None) -> dict:
   """Collects the points under ``root`` and writes pareto.{png,md,json} to ``out``.
+
+  Args:
+    root, out, metric, reference, title: as the command line's flags.
+    keep: optional predicate on a point (:func:`collect_points`' dicts): only those it keeps
+      are drawn and summarised (e.g. the regime report's configurations finished at every
+      seed).
 
   Returns:
     The summary (see :func:`summarize`).
   """
   points = collect_points(root, metric)
+  if keep is not None:
+    points = [p for p in points if keep(p)]
   summary = summarize(points, reference)
   summary["metric"] = metric
   summary["root"] = root

@@ -543,8 +543,13 @@ def write_outputs(root: str, out: str, curve_runs: Sequence[str] = ("static",),
                   hard_task: Optional[int] = None) -> dict:
   """Writes pareto.*, report.{md,json}, curves.png and weights.png to ``out``."""
   os.makedirs(out, exist_ok=True)
-  pareto.write_outputs(root, out, title=title)
   report = build_report(root, hard_task=hard_task)
+  # The frontiers drawn are the report's: each method's configurations finished at every
+  # seed it has, at those seeds.
+  used = {(m, run, seed) for m, st in report["methods"].items() for run in st["configs"]
+          for seed in map(int, st["hypervolume_per_seed"])}
+  pareto.write_outputs(root, out, title=title,
+                       keep=lambda p: (p["method"], p["run"], p["seed"]) in used)
   with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2, sort_keys=True)
   with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
