@@ -150,6 +150,7 @@ def make_train_step(
     losses_fn: Optional[Callable[..., tuple[Array, Any]]] = None,
     reuse_refresh_grads: Optional[bool] = None,
     val_grads: bool = False,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
   """Builds the multitask train step (pure; wrap it in ``jax.jit``).
 
@@ -193,6 +194,20 @@ def make_train_step(
       of the validation batch's mean task loss to the transformation as the
       ``val_grads`` extra argument (one more backward pass, on the
       validation batch).
+    microbatches: gradient accumulation: each task's slice of the batch (its
+      second axis, ``[N, B, ...]``) is cut into this many micro-batches of
+      ``B / microbatches`` examples, run one after another under
+      ``lax.scan`` (activation memory of one micro-batch), and combined
+      into the full batch's task losses and gradients, weighted by each
+      micro-batch's ``aux['count']`` when the loss function reports it
+      (else equally). Jacobian mode accumulates the ``N`` task gradients
+      (the same update as the whole batch at once, up to float rounding).
+      Lean mode runs the micro-batches' forward passes for the losses, then
+      the weighted backward pass of each (2 forward and 1 backward pass per
+      micro-batch); its refresh steps accumulate the ``N`` task gradients
+      (``gram_strategy='grouped'`` only). The per-task random keys differ
+      from the whole-batch step's (one per micro-batch). ``optax.MultiSteps``
+      cannot do this: it accumulates parameter-shaped gradients.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; metrics hold ``task_losses``
@@ -206,6 +221,13 @@ def make_train_step(
   batched_losses_fn = losses_fn
   if reuse_refresh_grads is None:
     reuse_refresh_grads = jax.default_backend() != "cpu"
+  if (isinstance(microbatches, bool) or not isinstance(microbatches, int)
+      or microbatches < 1):
+    raise ValueError(f"microbatches must be a whole number >= 1, got {microbatches!r}.")
+  if microbatches > 1 and mode == "lean" and gram_strategy != "grouped":
+    raise ValueError(f"microbatches={microbatches} in lean mode accumulates the N task "
+                     f"gradients of a refresh step (gram_strategy='grouped'); got "
+                     f"gram_strategy={gram_strategy!r}.")
 
   def step(state: TrainState, batch: PyTree):
     extra_args = {}
@@ -222,6 +244,8 @@ def make_train_step(
     n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     key = jax.random.fold_in(state.rng, state.step)
     loss_key, tx_key = jax.random.split(key)
+    if microbatches > 1:
+      return _accumulated(state, batch, n, loss_key, tx_key, extra_args)
     task_keys = jax.random.split(loss_key, n)
     sliced = (batch, task_keys)
 
@@ -266,7 +290,104 @@ def make_train_step(
     extra = {k: v for k, v in aux.items()} if isinstance(aux, dict) else {}
     return _finish(state, new_params, opt_state, losses, updates, extra)
 
+  def _accumulated(state, batch, n, loss_key, tx_key, extra_args):
+    """The step over ``microbatches`` micro-batches (see ``microbatches`` above)."""
+    k = microbatches
+    micro = split_microbatches(batch, k)  # [k, N, B / k, ...]
+    keys = jax.vmap(lambda m: jax.random.fold_in(loss_key, m))(jnp.arange(k))
+
+    def losses_of(params, mb, key):  # ([N], aux) of one micro-batch
+      return all_task_losses(task_loss_fn, batched_losses_fn, params, mb, key)
+
+    def task_grads_of(params, mb, key):  # ([N], aux), [N, ...] of one micro-batch
+      task_keys = jax.random.split(key, n)
+      return jax.vmap(jax.value_and_grad(lambda p, x: task_loss_fn(p, *x), has_aux=True),
+                      in_axes=(None, 0))(params, (mb, task_keys))
+
+    def weighted(stacked_losses, stacked_aux):
+      """Each micro-batch's weight per task ``[k, N]`` (its share of the task's examples),
+      the combined losses ``[N]`` and aux (counts summed, the rest averaged)."""
+      if isinstance(stacked_aux, dict) and "count" in stacked_aux:  # [k, N]
+        w = jnp.asarray(stacked_aux["count"], jnp.float32)
+      else:
+        w = jnp.ones((k, n), jnp.float32)
+      total = w.sum(0)
+      share = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+      losses = jnp.sum(share * stacked_losses, axis=0)
+      aux = {}
+      if isinstance(stacked_aux, dict):
+        aux = {key_: (v.sum(0) if key_ == "count" else v.mean(0))
+               for key_, v in stacked_aux.items()}
+      return jax.lax.stop_gradient(share), losses, aux
+
+    def accumulate_task_grads(params):
+      """The whole batch's ``N`` task gradients, losses and aux in one pass: the sums of the
+      micro-batches' count-weighted values, divided by the counts at the end."""
+      def body(acc, xs):
+        mb, key = xs
+        (l, aux), g = task_grads_of(params, mb, key)
+        w = _micro_weight(aux, n)
+        g = jax.tree_util.tree_map(
+            lambda x: x * w.astype(x.dtype).reshape((n,) + (1,) * (x.ndim - 1)), g)
+        return jax.tree_util.tree_map(jnp.add, acc, (g, w)), (l, aux)
+      zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), params),
+               jnp.zeros((n,), jnp.float32))
+      (g_sum, w_sum), (l_all, aux_all) = jax.lax.scan(body, zeros, (micro, keys))
+      inv = jnp.where(w_sum > 0, 1.0 / jnp.where(w_sum > 0, w_sum, 1.0), 0.0)
+      grads = jax.tree_util.tree_map(
+          lambda x: x * inv.astype(x.dtype).reshape((n,) + (1,) * (x.ndim - 1)), g_sum)
+      _, losses, aux = weighted(l_all, aux_all)
+      return _constrain(grads, param_shardings, stacked=True), losses, aux
+
+    if mode == "jacobian":
+      task_grads, losses, aux = accumulate_task_grads(state.params)
+      mask = _task_mask(aux)
+      updates, opt_state = tx.update(task_grads, state.opt_state, state.params,
+                                     task_losses=losses, task_mask=mask, key=tx_key,
+                                     **extra_args)
+    else:
+      l_all, aux_all = jax.lax.map(lambda xs: losses_of(state.params, *xs), (micro, keys))
+      share, losses, aux = weighted(l_all, aux_all)
+      mask = _task_mask(aux)
+
+      def vjp_fn(c):  # the gradient of sum_i c_i l_i over the whole batch, micro-batch by one
+        def body(acc, xs):
+          mb, key, w = xs
+          g = jax.grad(lambda p: jnp.dot(c * w, losses_of(p, mb, key)[0]))(state.params)
+          return jax.tree_util.tree_map(jnp.add, acc, g), None
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        return (jax.lax.scan(body, zeros, (micro, keys, share))[0],)
+
+      grads_fn = lambda: accumulate_task_grads(state.params)[0]  # pylint: disable=unnecessary-lambda-assignment
+      refresh_args = ({"task_grads_fn": grads_fn} if reuse_refresh_grads else
+                      {"gram_fn": lambda: lookahead.task_gram(grads_fn())})
+      updates, opt_state = tx.update(None, state.opt_state, state.params, task_losses=losses,
+                                     task_mask=mask, key=tx_key, task_vjp=vjp_fn,
+                                     **refresh_args, **extra_args)
+    updates = _constrain(updates, param_shardings)
+    new_params = optax.apply_updates(state.params, updates)
+    return _finish(state, new_params, opt_state, losses, updates, aux)
+
   return step
+
+
+def split_microbatches(batch: PyTree, k: int) -> PyTree:
+  """``[N, B, ...]`` leaves as ``[k, N, B / k, ...]``: micro-batch ``m`` holds examples
+  ``m * B / k`` to ``(m + 1) * B / k - 1`` of every task. A leaf with the task axis only
+  (``[N]``, e.g. task ids) goes to every micro-batch whole.
+
+  Raises:
+    ValueError: ``B`` not divisible by ``k`` (or a scalar leaf).
+  """
+  def cut(path, x):
+    if x.ndim == 1:
+      return jnp.broadcast_to(x, (k,) + x.shape)
+    if x.ndim < 2 or x.shape[1] % k:
+      raise ValueError(
+          f"microbatches={k}: every batch leaf needs a per-task example axis (its second) "
+          f"divisible by {k}; leaf {jax.tree_util.keystr(path)} has shape {x.shape}.")
+    return jnp.moveaxis(x.reshape((x.shape[0], k, x.shape[1] // k) + x.shape[2:]), 1, 0)
+  return jax.tree_util.tree_map_with_path(cut, batch)
 
 
 def all_task_losses(task_loss_fn, grouped_losses_fn, params, batch, key) -> tuple[Array, Any]:
@@ -277,6 +398,14 @@ def all_task_losses(task_loss_fn, grouped_losses_fn, params, batch, key) -> tupl
     return grouped_losses_fn(params, batch, key)
   keys = jax.random.split(key, jax.tree_util.tree_leaves(batch)[0].shape[0])
   return jax.vmap(task_loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
+
+
+def _micro_weight(aux: Any, n: int) -> Array:
+  """``[N]`` weight of a micro-batch's task losses: its examples per task (``aux['count']``)
+  when the loss function reports them, else 1."""
+  if isinstance(aux, dict) and "count" in aux:
+    return jnp.asarray(aux["count"], jnp.float32)
+  return jnp.ones((n,), jnp.float32)
 
 
 def _task_mask(aux: Any) -> Optional[Array]:

@@ -116,8 +116,9 @@ def check_task_grads(updates: PyTree, num_tasks: int, method: str,
       if like_params:
         hint = (" These are shaped like the parameters: one gradient, not N per-task ones "
                 "(vmap(grad) over the task-grouped batch). optax.MultiSteps accumulates "
-                "parameter-shaped gradients and cannot wrap a task-weighting method: sum the "
-                "per-task gradients of the micro-batches yourself and call update once.")
+                "parameter-shaped gradients and cannot wrap a task-weighting method: use "
+                "ldro.train.make_train_step(..., microbatches=k), or sum the per-task "
+                "gradients of the micro-batches and call update once.")
       raise ValueError(
           f"{method}: every leaf of the per-task gradients needs a leading task axis of size "
           f"{num_tasks}; leaf {jax.tree_util.keystr(path)} has shape {leaf.shape}.{hint}")

@@ -82,3 +82,84 @@ def test_gram_method_in_lean_mode_with_gradient_reuse():
   for key, w in out.items():
     np.testing.assert_allclose(w, out[("jacobian", None)], rtol=1e-5, atol=1e-7,
                                err_msg=str(key))
+
+
+@pytest.mark.parametrize("with_count", [False, True])
+def test_microbatches_accumulate_the_whole_batch_step(with_count):
+  """Gradient accumulation: 2 or 4 micro-batches give the whole batch's losses, weights and
+  update in Jacobian and lean mode (refresh steps too); with aux counts the micro-batches
+  are weighted by their examples (here some masked out)."""
+  rng = np.random.default_rng(1)
+  b = 4
+  batch = {"x": jnp.asarray(rng.normal(size=(N, b, D)), jnp.float32),
+           "y": jnp.asarray(rng.normal(size=(N, b)), jnp.float32),
+           "m": jnp.asarray([[1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 1, 0], [1, 1, 1, 1]],
+                            jnp.float32)}
+  params = {"w": jnp.zeros(D), "b": jnp.zeros([])}
+
+  def task_loss(p, tb, key):
+    del key
+    r = tb["x"] @ p["w"] + p["b"] - tb["y"]
+    if not with_count:
+      return 0.5 * jnp.mean(r * r), {}
+    count = tb["m"].sum()
+    return 0.5 * jnp.sum(tb["m"] * r * r) / jnp.maximum(count, 1.0), {"count": count}
+
+  def run(mode, k, reuse=None):
+    tx = optax.chain(ldro.get_method("ldro", num_tasks=N, lookahead_lr=0.05, weight_lr=0.3,
+                                     update_every=2), optax.sgd(0.05))
+    step = jax.jit(ldro_train.make_train_step(task_loss, tx, mode=mode, microbatches=k,
+                                              reuse_refresh_grads=reuse))
+    state = ldro_train.init_train_state(params, tx, jax.random.key(0))
+    for _ in range(4):
+      state, metrics = step(state, batch)
+    return state, metrics
+
+  ref, ref_m = run("jacobian", 1)
+  for mode, k, reuse in [("jacobian", 2, None), ("jacobian", 4, None), ("lean", 2, True),
+                         ("lean", 4, False)]:
+    got, got_m = run(mode, k, reuse)
+    np.testing.assert_allclose(got_m["task_losses"], ref_m["task_losses"], rtol=1e-5,
+                               err_msg=f"{mode} {k}")
+    np.testing.assert_allclose(ldro.task_weights(got.opt_state),
+                               ldro.task_weights(ref.opt_state), rtol=1e-5, atol=1e-7)
+    for a, c in zip(jax.tree.leaves(got.params), jax.tree.leaves(ref.params)):
+      np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {k}")
+    if with_count:
+      np.testing.assert_array_equal(got_m["count"], ref_m["count"])
+
+
+def test_microbatches_bad_input():
+  params, batch, task_loss, _ = _problem()  # B = 3 examples per task
+  tx = optax.chain(ldro.get_method("ldro", num_tasks=N, lookahead_lr=0.05, weight_lr=0.3),
+                   optax.sgd(0.05))
+  step = ldro_train.make_train_step(task_loss, tx, microbatches=2)
+  with pytest.raises(ValueError, match=r"divisible by 2; leaf \['x'\] has shape \(4, 3, 5\)"):
+    step(ldro_train.init_train_state(params, tx, jax.random.key(0)), batch)
+  with pytest.raises(ValueError, match="microbatches must be a whole number >= 1"):
+    ldro_train.make_train_step(task_loss, tx, microbatches=0)
+  with pytest.raises(ValueError, match="gram_strategy='grouped'.*'pairwise'"):
+    ldro_train.make_train_step(task_loss, tx, mode="lean", gram_strategy="pairwise",
+                               microbatches=2)
+
+
+def test_runner_microbatches(tmp_path):
+  """train_and_evaluate.microbatches: the toy experiment trains as with the whole batch; an
+  experiment without an example axis (the synthetic tasks) is refused in one line."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+  from experiments.runner import loop  # pylint: disable=g-import-not-at-top
+
+  def run(workdir, files, *bindings):
+    gin.clear_config()
+    train_lib.parse_gin(files, ["train_and_evaluate.num_steps = 6",
+                                "train_and_evaluate.eval_every = 6", *bindings])
+    return loop.train_and_evaluate(str(workdir), quiet=True)
+  toy = ["gin_configs/toy/ldro.gin"]
+  whole = run(tmp_path / "whole", toy)
+  micro = run(tmp_path / "micro", toy, "train_and_evaluate.microbatches = 2")
+  np.testing.assert_allclose(micro[-1]["task_loss"], whole[-1]["task_loss"], rtol=1e-4)
+  with pytest.raises(ValueError, match="SyntheticExperiment's task batches have no example axis"):
+    run(tmp_path / "syn", ["gin_configs/synthetic/ldro.gin"], "train_and_evaluate.microbatches = 2")
+  with pytest.raises(ValueError, match="train_and_evaluate.microbatches"):
+    run(tmp_path / "zero", toy, "train_and_evaluate.microbatches = 0")

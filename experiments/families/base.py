@@ -60,6 +60,11 @@ class Experiment(abc.ABC):
   #: backward pass stays fast inside ``lax.cond`` on CPU says ``True``.
   reuse_refresh_grads: Optional[bool] = None
 
+  #: Whether the task-grouped batch's leaves are ``[N, b, ...]`` with ``b`` examples per
+  #: task (what ``train_and_evaluate.microbatches`` cuts). ``False`` for an experiment
+  #: whose task slices are not example lists (the synthetic tasks' fixed points).
+  example_axis: bool = True
+
   @abc.abstractmethod
   def train_batch(self, step: int) -> PyTree:
     """Task-grouped training batch for ``step`` (pure function of the step)."""

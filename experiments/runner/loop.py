@@ -92,9 +92,17 @@ class Transform(NamedTuple):
 
 
 def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_strategy: str,
-                    chunk_size: Optional[int], baseline_losses) -> Transform:
+                    chunk_size: Optional[int], baseline_losses, microbatches: int = 1) -> Transform:
   """The gin-chosen method and optimizer, and the step for them."""
   n = exp.num_tasks
+  if microbatches > 1 and not getattr(exp, "example_axis", True):
+    raise ValueError(f"train_and_evaluate.microbatches = {microbatches}: "
+                     f"{type(exp).__name__}'s task batches have no example axis to cut "
+                     "(leave microbatches at 1).")
+  if mode == PLAIN and microbatches > 1:
+    raise ValueError("train_and_evaluate.microbatches accumulates the task-weighted step's "
+                     "per-task gradients; mode 'plain' trains on the experiment's own batches "
+                     "(leave microbatches at 1).")
   if mode == PLAIN:
     tx = optax.chain(*configurables.optimizer())
     return Transform(tx, mode, lambda ps: ldro_train.make_plain_step(exp.plain_loss, tx, n,
@@ -121,7 +129,7 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
         exp.task_loss, tx, mode=mode, gram_strategy=gram_strategy, chunk_size=chunk_size,
         param_shardings=ps,
         losses_fn=exp.grouped_losses if (mode == "lean" or needs_val) else None,
-        reuse_refresh_grads=reuse, val_grads=needs_val)
+        reuse_refresh_grads=reuse, val_grads=needs_val, microbatches=microbatches)
   return Transform(tx, mode, builder, needs_val)
 
 
@@ -205,12 +213,14 @@ def progress_line(step, num_steps, rate, exp, record_or_losses) -> str:
 
 
 def _validate(num_steps, eval_every, log_every, checkpoint_every, keep_checkpoints, seed, mode,
-              gram_strategy, chunk_size, nonfinite, mesh_shape, quiet) -> dict:
+              gram_strategy, chunk_size, nonfinite, mesh_shape, quiet,
+              microbatches=1) -> dict:
   """The runner's own values, checked (one line naming the binding) and converted."""
   name = lambda p: f"train_and_evaluate.{p}"  # pylint: disable=unnecessary-lambda-assignment
   out = {p: validation.whole_number(v, name(p), low=1) for p, v in (
       ("num_steps", num_steps), ("eval_every", eval_every), ("log_every", log_every),
-      ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints))}
+      ("checkpoint_every", checkpoint_every), ("keep_checkpoints", keep_checkpoints),
+      ("microbatches", microbatches))}
   out["seed"] = validation.seed(seed, name("seed"))
   if mode is not None:
     validation.choice(mode, name("mode"), ("jacobian", "lean", PLAIN))
@@ -242,6 +252,7 @@ def train_and_evaluate(
     mode: Optional[str] = None,
     gram_strategy: str = "grouped",
     chunk_size: Optional[int] = None,
+    microbatches: int = 1,
     nonfinite: str = "error",
     baseline_losses: Optional[Sequence[float]] = None,
     mesh_shape: Optional[Sequence[int]] = None,
@@ -267,6 +278,9 @@ def train_and_evaluate(
       (e.g. static mixing by sampling rates); no weighting method.
     gram_strategy: Gram strategy for lean mode.
     chunk_size: chunk size for the ``chunked`` strategy.
+    microbatches: gradient accumulation: each step's task-grouped batch in this
+      many micro-batches, one after another (``ldro.train.make_train_step``);
+      every task's examples per step must divide by it.
     nonfinite: ``'error'`` (stop, naming the step and task) or ``'skip'``
       (skip such steps, keeping params and task weights).
     baseline_losses: per-task baselines for ``baselined_dro``.
@@ -289,7 +303,8 @@ def train_and_evaluate(
       checkpoint at the step it reached.
   """
   checked = _validate(num_steps, eval_every, log_every, checkpoint_every, keep_checkpoints, seed,
-                      mode, gram_strategy, chunk_size, nonfinite, mesh_shape, quiet)
+                      mode, gram_strategy, chunk_size, nonfinite, mesh_shape, quiet,
+                      microbatches)
   num_steps, eval_every, log_every = checked["num_steps"], checked["eval_every"], checked["log_every"]
   checkpoint_every, keep_checkpoints = checked["checkpoint_every"], checked["keep_checkpoints"]
   seed, chunk_size = checked["seed"], checked["chunk_size"]
@@ -303,7 +318,8 @@ def train_and_evaluate(
     workdir_lib.unlock(lock)
     raise
   exp = experiment
-  transform = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses)
+  transform = build_transform(exp, mode, gram_strategy, chunk_size, baseline_losses,
+                              checked["microbatches"])
   prog = build_program(exp, transform, seed, mesh_shape)
   host_input.check(exp, prog.mesh, task_grouped=prog.mode != PLAIN)  # per-host batch must divide
   mngr = checkpoints.manager(workdir, keep_checkpoints)
