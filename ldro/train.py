@@ -206,8 +206,12 @@ def make_train_step(
       the weighted backward pass of each (2 forward and 1 backward pass per
       micro-batch); its refresh steps accumulate the ``N`` task gradients
       (``gram_strategy='grouped'`` only). The per-task random keys differ
-      from the whole-batch step's (one per micro-batch). ``optax.MultiSteps``
-      cannot do this: it accumulates parameter-shaped gradients.
+      from the whole-batch step's (one per micro-batch). A task with no
+      example in a micro-batch adds nothing to it; its loss function must
+      still give a finite loss and gradient there (as for absent tasks). With
+      ``val_grads`` the validation gradient is still one backward pass over
+      the whole validation batch. ``optax.MultiSteps`` cannot do this: it
+      accumulates parameter-shaped gradients.
 
   Returns:
     ``step(state, batch) -> (state, metrics)``; metrics hold ``task_losses``
@@ -313,11 +317,16 @@ def make_train_step(
         w = jnp.ones((k, n), jnp.float32)
       total = w.sum(0)
       share = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
-      losses = jnp.sum(share * stacked_losses, axis=0)
+      losses = jnp.sum(jnp.where(share > 0, share * stacked_losses, 0.0), axis=0)
       aux = {}
       if isinstance(stacked_aux, dict):
-        aux = {key_: (v.sum(0) if key_ == "count" else v.mean(0))
-               for key_, v in stacked_aux.items()}
+        for key_, v in stacked_aux.items():
+          if key_ == "count":
+            aux[key_] = v.sum(0)
+          elif v.shape[:2] == (k, n):  # per task: the examples' share of each micro-batch
+            aux[key_] = jnp.sum(share.reshape((k, n) + (1,) * (v.ndim - 2)) * v, axis=0)
+          else:
+            aux[key_] = v.mean(0)
       return jax.lax.stop_gradient(share), losses, aux
 
     def accumulate_task_grads(params):
@@ -327,8 +336,11 @@ def make_train_step(
         mb, key = xs
         (l, aux), g = task_grads_of(params, mb, key)
         w = _micro_weight(aux, n)
+        # A task without examples in this micro-batch adds nothing, even a non-finite value.
         g = jax.tree_util.tree_map(
-            lambda x: x * w.astype(x.dtype).reshape((n,) + (1,) * (x.ndim - 1)), g)
+            lambda x: jnp.where((w > 0).reshape((n,) + (1,) * (x.ndim - 1)),
+                                x * w.astype(x.dtype).reshape((n,) + (1,) * (x.ndim - 1)), 0),
+            g)
         return jax.tree_util.tree_map(jnp.add, acc, (g, w)), (l, aux)
       zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), params),
                jnp.zeros((n,), jnp.float32))
@@ -373,8 +385,10 @@ def make_train_step(
 
 def split_microbatches(batch: PyTree, k: int) -> PyTree:
   """``[N, B, ...]`` leaves as ``[k, N, B / k, ...]``: micro-batch ``m`` holds examples
-  ``m * B / k`` to ``(m + 1) * B / k - 1`` of every task. A leaf with the task axis only
-  (``[N]``, e.g. task ids) goes to every micro-batch whole.
+  ``m, m + k, m + 2k, ...`` of every task. Strided, so that under a mesh that shards the
+  example axis in contiguous blocks every device keeps its own examples in every
+  micro-batch (contiguous micro-batches would each sit on ``1/k`` of the devices). A leaf
+  with the task axis only (``[N]``, e.g. task ids) goes to every micro-batch whole.
 
   Raises:
     ValueError: ``B`` not divisible by ``k`` (or a scalar leaf).
@@ -386,7 +400,7 @@ def split_microbatches(batch: PyTree, k: int) -> PyTree:
       raise ValueError(
           f"microbatches={k}: every batch leaf needs a per-task example axis (its second) "
           f"divisible by {k}; leaf {jax.tree_util.keystr(path)} has shape {x.shape}.")
-    return jnp.moveaxis(x.reshape((x.shape[0], k, x.shape[1] // k) + x.shape[2:]), 1, 0)
+    return jnp.moveaxis(x.reshape((x.shape[0], x.shape[1] // k, k) + x.shape[2:]), 2, 0)
   return jax.tree_util.tree_map_with_path(cut, batch)
 
 

@@ -232,6 +232,9 @@ def test_image_run_with_rotograd(tmp_path, monkeypatch, gin_config, image_folder
   assert exp.rotograd and exp.model.rotograd and exp.model.num_tasks == 2
   transform = loop.build_transform(exp, None, "grouped", None, None)
   assert transform.mode == "lean" and not transform.needs_val
+  with pytest.raises(ValueError, match="microbatches = 2: ImageClassificationExperiment: "
+                                       "RotoGrad's backward pass"):
+    loop.build_transform(exp, None, "grouped", None, None, microbatches=2)
   prog = loop.build_program(exp, transform, seed=0, mesh_shape=None)
   state = prog.state
   for step in range(2):

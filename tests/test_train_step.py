@@ -103,7 +103,10 @@ def test_microbatches_accumulate_the_whole_batch_step(with_count):
     if not with_count:
       return 0.5 * jnp.mean(r * r), {}
     count = tb["m"].sum()
-    return 0.5 * jnp.sum(tb["m"] * r * r) / jnp.maximum(count, 1.0), {"count": count}
+    # a per-task ratio in aux: combined with the micro-batches' example shares
+    frac = jnp.sum(tb["m"] * (r > 0)) / jnp.maximum(count, 1.0)
+    return 0.5 * jnp.sum(tb["m"] * r * r) / jnp.maximum(count, 1.0), {"count": count,
+                                                                       "frac": frac}
 
   def run(mode, k, reuse=None):
     tx = optax.chain(ldro.get_method("ldro", num_tasks=N, lookahead_lr=0.05, weight_lr=0.3,
@@ -127,6 +130,15 @@ def test_microbatches_accumulate_the_whole_batch_step(with_count):
       np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {k}")
     if with_count:
       np.testing.assert_array_equal(got_m["count"], ref_m["count"])
+      np.testing.assert_allclose(got_m["frac"], ref_m["frac"], rtol=1e-6)
+
+
+def test_split_microbatches_is_strided():
+  batch = {"x": jnp.arange(2 * 6).reshape(2, 6), "task": jnp.arange(2)}
+  micro = ldro_train.split_microbatches(batch, 3)
+  np.testing.assert_array_equal(micro["x"][0], [[0, 3], [6, 9]])  # examples 0, 3 per task
+  np.testing.assert_array_equal(micro["x"][2], [[2, 5], [8, 11]])
+  np.testing.assert_array_equal(micro["task"], [[0, 1]] * 3)  # per-task leaves: whole
 
 
 def test_microbatches_bad_input():
@@ -159,7 +171,7 @@ def test_runner_microbatches(tmp_path):
   whole = run(tmp_path / "whole", toy)
   micro = run(tmp_path / "micro", toy, "train_and_evaluate.microbatches = 2")
   np.testing.assert_allclose(micro[-1]["task_loss"], whole[-1]["task_loss"], rtol=1e-4)
-  with pytest.raises(ValueError, match="SyntheticExperiment's task batches have no example axis"):
+  with pytest.raises(ValueError, match="SyntheticExperiment: a task's batch is its fixed point"):
     run(tmp_path / "syn", ["gin_configs/synthetic/ldro.gin"], "train_and_evaluate.microbatches = 2")
   with pytest.raises(ValueError, match="train_and_evaluate.microbatches"):
     run(tmp_path / "zero", toy, "train_and_evaluate.microbatches = 0")

@@ -60,10 +60,10 @@ class Experiment(abc.ABC):
   #: backward pass stays fast inside ``lax.cond`` on CPU says ``True``.
   reuse_refresh_grads: Optional[bool] = None
 
-  #: Whether the task-grouped batch's leaves are ``[N, b, ...]`` with ``b`` examples per
-  #: task (what ``train_and_evaluate.microbatches`` cuts). ``False`` for an experiment
-  #: whose task slices are not example lists (the synthetic tasks' fixed points).
-  example_axis: bool = True
+  #: Why ``train_and_evaluate.microbatches > 1`` cannot be used, or None: the task-grouped
+  #: batch's leaves are ``[N, b, ...]`` with ``b`` examples per task (what micro-batches
+  #: cut) and the step's gradients add up over micro-batches.
+  no_microbatches: Optional[str] = None
 
   @abc.abstractmethod
   def train_batch(self, step: int) -> PyTree:

@@ -315,6 +315,9 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
     if not isinstance(rotograd, bool):
       raise ValueError(f"{name}rotograd must be True or False, got {rotograd!r}.")
     self.rotograd = rotograd
+    if rotograd:
+      self.no_microbatches = ("RotoGrad's backward pass rescales and aligns the task gradients "
+                              "of the whole batch, which do not add up over micro-batches")
     self.model = build_model(model, self.data.num_classes, conv_impl, model_kwargs,
                              rotograd_tasks=len(self.task_names) if rotograd else 0)
     self.eval_batch_size = int(eval_batch_size)

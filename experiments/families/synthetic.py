@@ -27,7 +27,7 @@ class SyntheticExperiment(base.Experiment):
 
   main_metric = "loss"
   higher_is_better = False
-  example_axis = False  # a task's batch is its fixed point, not a list of examples
+  no_microbatches = "a task's batch is its fixed point, not a list of examples to cut"
 
   def __init__(self, num_cluster: int = 10, spread: float = 0.15, radius: float = 1.25,
                start_r: float = 1.5, start_phi: float = 2.6, loss_noise: float = 0.0,

@@ -95,10 +95,10 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
                     chunk_size: Optional[int], baseline_losses, microbatches: int = 1) -> Transform:
   """The gin-chosen method and optimizer, and the step for them."""
   n = exp.num_tasks
-  if microbatches > 1 and not getattr(exp, "example_axis", True):
+  refusal = getattr(exp, "no_microbatches", None)
+  if microbatches > 1 and refusal:
     raise ValueError(f"train_and_evaluate.microbatches = {microbatches}: "
-                     f"{type(exp).__name__}'s task batches have no example axis to cut "
-                     "(leave microbatches at 1).")
+                     f"{type(exp).__name__}: {refusal} (leave microbatches at 1).")
   if mode == PLAIN and microbatches > 1:
     raise ValueError("train_and_evaluate.microbatches accumulates the task-weighted step's "
                      "per-task gradients; mode 'plain' trains on the experiment's own batches "
