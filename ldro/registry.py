@@ -143,7 +143,7 @@ def method_reference(name: str) -> str:
   return method_info(name).reference
 
 
-def get_method(name: str, *, shared_params: Any = None,
+def get_method(name: str, *, shared_params: Any = None, specific_params: str = "coefficients",
                **kwargs) -> optax.GradientTransformationExtraArgs:
   """Builds the method ``name`` with its defaults overridden by ``kwargs``.
 
@@ -153,6 +153,10 @@ def get_method(name: str, *, shared_params: Any = None,
       ``needs``): take it on the shared parameters only, e.g. ``'encoder'``
       (:func:`ldro.on_shared_params`; models with task-specific heads).
       ``None`` (default): on all parameters.
+    specific_params: with ``shared_params``, the other (task-specific)
+      parameters' update: ``'coefficients'`` (``c_i`` times their task's
+      gradient) or ``'equal'`` (unweighted, LibMTL's convention);
+      :func:`ldro.on_shared_params`'s ``specific``.
     **kwargs: the factory's arguments, e.g. ``num_tasks=20,
       lookahead_lr=0.01, weight_lr=0.001``.
 
@@ -170,5 +174,8 @@ def get_method(name: str, *, shared_params: Any = None,
   except TypeError as e:
     raise ValueError(f"method {name!r}: bad arguments {sorted(args)}: {e}") from None
   if shared_params is not None:
-    tx = weighting.on_shared_params(tx, shared_params)
+    tx = weighting.on_shared_params(tx, shared_params, specific_params)
+  elif specific_params != "coefficients":
+    raise ValueError(f"method {name!r}: specific_params={specific_params!r} needs "
+                     "shared_params (which parameters are shared).")
   return tx

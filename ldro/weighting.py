@@ -351,6 +351,9 @@ class Rule:
       matrix is then computed on the selected parameters only (e.g. GradNorm's
       last shared layer). It needs the per-task gradients: Jacobian mode, or
       lean mode with ``task_grads_fn``.
+    equal_specific: with ``gram_filter``: the parameters it does not select
+      (task-specific ones) get the equal-weights update ``sum_i g_i / N``
+      instead of ``sum_i c_i g_i`` (:func:`on_shared_params`, ``specific``).
   """
   name: str
   coefficients: Optional[Callable[[TaskStats, Any], tuple[Array, Any]]] = None
@@ -365,6 +368,7 @@ class Rule:
   lean: bool = True
   lean_hint: str = ""
   gram_filter: Optional[Callable[[str], bool]] = None
+  equal_specific: bool = False
 
 
 def _all_finite(tree: PyTree) -> Array:
@@ -523,6 +527,9 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
     raise ValueError(f"{name}: a rule has exactly one of coefficients and aggregate.")
   if rule.aggregate is not None and rule.lean:
     raise ValueError(f"{name}: an aggregate rule needs the per-task gradients (lean=False).")
+  if rule.equal_specific and (rule.gram_filter is None or rule.aggregate is not None):
+    raise ValueError(f"{name}: equal_specific needs a gram_filter (the shared parameters) and "
+                     "a coefficients rule.")
   check_hparam(rule.refresh_every, "refresh_every", name, low=1, integer=True)
   if not isinstance(num_tasks, jax.core.Tracer):  # traced under inject_hyperparams
     check_num_tasks(num_tasks, name)
@@ -629,6 +636,20 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
       c, ms, g = _select(ok, new, old)
       return out, c, ms, g
 
+    def combine_out(c, grads=None):
+      """``sum_i c_i g_i``; with ``equal_specific``, ``sum_i g_i / N`` on the parameters the
+      filter leaves out (lean mode: a second pull-back)."""
+      out = weighted_sum(grads, c) if grads is not None else pull_back(task_vjp, c)
+      if not rule.equal_specific:
+        return out
+      eq = jnp.full((n,), 1.0 / n, jnp.float32)
+      rest = weighted_sum(grads, eq) if grads is not None else pull_back(task_vjp, eq)
+      paths = [rule.gram_filter(jax.tree_util.keystr(p_))
+               for p_, _ in jax.tree_util.tree_leaves_with_path(out)]
+      leaves = [a if keep else b for keep, a, b in
+                zip(paths, jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(rest))]
+      return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out), leaves)
+
     due = (state.count % rule.refresh_every) == 0
     every_step = _is_static_one(rule.refresh_every)
     cond = (lambda refresh, keep: refresh()) if every_step else (
@@ -637,30 +658,30 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
     if not rule.needs_gram:
       out, c, ms, g = decide(state.gram, False, updates if not lean else None)
       if out is None:
-        out = pull_back(task_vjp, c) if lean else weighted_sum(updates, c)
+        out = combine_out(c, None if lean else updates)
     elif not lean:
       g = cond(lambda: checked_gram(filtered_gram(updates, rule.gram_filter, name)),
                lambda: state.gram)
       out, c, ms, g = decide(g, due, updates)
       if out is None:
-        out = weighted_sum(updates, c)
+        out = combine_out(c, updates)
     elif task_grads_fn is not None:
       def refresh_step():
         grads = task_grads_fn()
         check_task_grads(grads, n, name)
         _, c, ms, g = decide(checked_gram(filtered_gram(grads, rule.gram_filter, name)), True)
-        return weighted_sum(grads, c), c, ms, g
+        return combine_out(c, grads), c, ms, g
 
       def ordinary_step():
         _, c, ms, g = decide(state.gram, False)
-        return pull_back(task_vjp, c), c, ms, g
+        return combine_out(c), c, ms, g
 
       out, c, ms, g = cond(refresh_step, ordinary_step)
     else:
       compute = gram_fn if gram_fn is not None else (lambda: gram)
       g = cond(lambda: checked_gram(compute()), lambda: state.gram)
       _, c, ms, g = decide(g, due)
-      out = pull_back(task_vjp, c)
+      out = combine_out(c)
 
     new_state = WeightingState(count=optax.safe_increment(state.count), task_weights=c,
                                gram=g, method_state=ms)
@@ -672,7 +693,8 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
   return tx
 
 
-def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
+def on_shared_params(tx: TaskWeighting, shared: Any,
+                     specific: str = "coefficients") -> TaskWeighting:
   r"""The method ``tx`` with its Gram matrix taken on the shared parameters only.
 
   A gradient method compares the task gradients through ``G_ij = g_i . g_j``.
@@ -697,12 +719,14 @@ def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
   the step, exact on all parameters (a head's step lowers its own task's
   loss too); on the shared ones it counts only the interaction through them.
 
-  The update is still ``sum_i c_i g_i`` on every parameter: a task-specific
-  parameter receives ``c_i`` times its own task's gradient, as from the
-  backward pass of ``sum_i c_i l_i`` in the Nash-MTL code and Sener and
-  Koltun's MGDA. (LibMTL's MGDA, CAGrad and PCGrad, and the CAGrad authors'
-  code, leave the task-specific parameters their unweighted gradient; its
-  Nash-MTL weights them as here.)
+  The update of the shared parameters is ``sum_i c_i g_i``. The task-specific
+  ones get, by ``specific``: ``'coefficients'`` (default) ``c_i`` times their
+  own task's gradient, as from the backward pass of ``sum_i c_i l_i`` in the
+  Nash-MTL code and Sener and Koltun's MGDA (and LibMTL's Nash-MTL); or
+  ``'equal'`` the equal-weights update ``sum_i g_i / N``, their task's
+  gradient unweighted on the library's mean-loss scale, as LibMTL's MGDA,
+  CAGrad and PCGrad and the CAGrad authors' code leave them (in lean mode one
+  more pull-back, i.e. a second backward pass, on steps without a refresh).
 
   It needs the per-task gradients on a refresh step: Jacobian mode, or lean
   mode with ``task_grads_fn`` (``ldro.train.make_train_step(...,
@@ -715,6 +739,8 @@ def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
     shared: the shared parameters' paths (:func:`param_filter`: a regex or
       substring of ``jax.tree_util.keystr`` paths, e.g. ``"encoder"``, or a
       function ``path -> bool``).
+    specific: the task-specific parameters' update, ``'coefficients'`` or
+      ``'equal'`` (above).
 
   Returns:
     The method with ``Rule.gram_filter`` set (an error names the paths if
@@ -731,13 +757,19 @@ def on_shared_params(tx: TaskWeighting, shared: Any) -> TaskWeighting:
   if not rule.needs_gram:
     raise ValueError(f"on_shared_params: {rule.name} does not use the task-gradient Gram matrix, "
                      "so it has nothing to restrict to the shared parameters.")
+  check_choice(specific, "specific", f"on_shared_params({rule.name})",
+               ("coefficients", "equal"))
   keep = param_filter(shared, f"on_shared_params({rule.name}): shared")
   if keep is None:
     return tx
   if rule.gram_filter is not None:
     raise ValueError(f"on_shared_params: {rule.name} already takes its Gram matrix on parameters "
                      "of its own choice (e.g. GradNorm's layer=...); set them there.")
-  return task_weighting(dataclasses.replace(rule, gram_filter=keep), tx.num_tasks)
+  if specific == "equal" and rule.aggregate is not None:
+    raise ValueError(f"on_shared_params: {rule.name} forms its own update (not coefficients on "
+                     "the task gradients); specific='equal' does not apply.")
+  return task_weighting(dataclasses.replace(rule, gram_filter=keep,
+                                            equal_specific=specific == "equal"), tx.num_tasks)
 
 
 def loss_weighting(
@@ -859,5 +891,6 @@ def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> Tas
       refresh_every=gm.refresh_every,
       lean=lw.lean and gm.lean,
       lean_hint=gm.lean_hint or lw.lean_hint,
-      gram_filter=gm.gram_filter)
+      gram_filter=gm.gram_filter,
+      equal_specific=gm.equal_specific)
   return task_weighting(rule, n_gm)
