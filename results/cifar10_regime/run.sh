@@ -15,7 +15,8 @@
 #   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
 #   bash results/cifar10_regime/sync.sh         # copy finished runs into results/ (then commit)
 set -u
-cd "$(dirname "$0")/../.."
+SELF=$(realpath "$0")  # the lanes re-run this script after the cd below
+cd "$(dirname "$SELF")/../.."
 W=workdirs/cifar10_regime
 mkdir -p $W
 S="nice -n 19 python -m experiments.sweep"
@@ -66,7 +67,7 @@ case "${1:-start}" in
         echo "lane $lane already running (process group $(cat $W/lane_$lane.pid))"; continue
       fi
       # setsid: each lane is its own process group, so 'stop' ends the sweep and its run.
-      setsid nohup bash "$0" _lane_$lane >> $W/lane_$lane.log 2>&1 < /dev/null &
+      setsid nohup bash "$SELF" _lane_$lane >> $W/lane_$lane.log 2>&1 < /dev/null &
       echo $! > $W/lane_$lane.pid
       echo "lane $lane started (process group $!, log $W/lane_$lane.log)"
     done ;;
