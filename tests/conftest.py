@@ -41,13 +41,13 @@ def pytest_sessionfinish(session):
 
 
 #: The modules that take longest, longest first (summed ``--durations=0`` of a full idle run,
-#: 2026-12-01: 151, 137, 123, 73, 60, 58, 55, 43, 37, 34, 32 s). They are collected first, so
-#: that pytest-xdist's ``loadscope`` scheduler, which deals modules to the workers in
-#: collection order, spreads them over the workers instead of leaving one to the end.
+#: 2026-12-01 23:36 UTC: 144, 136, 70, 68, 66, 55, 49, 45, 44, 37, 37, 31 s). They are
+#: collected first, so that pytest-xdist's ``loadscope`` scheduler, which deals modules to the
+#: workers in collection order, spreads them over the workers instead of leaving one to the end.
 SLOW_MODULES = ("test_multiprocess.py", "test_contract.py", "test_lm_experiment.py",
-                "test_bad_input.py", "test_benchmark.py", "test_faults.py", "test_synthetic.py",
-                "test_properties.py", "test_game.py", "test_image_experiment.py",
-                "test_worst_group_image.py")
+                "test_benchmark.py", "test_faults.py", "test_train_step.py", "test_synthetic.py",
+                "test_properties.py", "test_game.py", "test_worst_group_image.py",
+                "test_transforms.py", "test_image_experiment.py")
 
 
 def pytest_collection_modifyitems(items):

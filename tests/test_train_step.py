@@ -114,13 +114,13 @@ def test_microbatches_accumulate_the_whole_batch_step(with_count):
     step = jax.jit(ldro_train.make_train_step(task_loss, tx, mode=mode, microbatches=k,
                                               reuse_refresh_grads=reuse))
     state = ldro_train.init_train_state(params, tx, jax.random.key(0))
-    for _ in range(4):
+    for _ in range(3):  # refresh, ordinary, refresh
       state, metrics = step(state, batch)
     return state, metrics
 
   ref, ref_m = run("jacobian", 1)
-  for mode, k, reuse in [("jacobian", 2, None), ("jacobian", 4, None), ("lean", 2, True),
-                         ("lean", 4, False)]:
+  cases = [("jacobian", 4, None), ("lean", 2, True), ("lean", 4, False)]
+  for mode, k, reuse in cases if with_count else cases[1:]:
     got, got_m = run(mode, k, reuse)
     np.testing.assert_allclose(got_m["task_losses"], ref_m["task_losses"], rtol=1e-5,
                                err_msg=f"{mode} {k}")
