@@ -50,6 +50,7 @@ import numpy as np
 from experiments import litmus_report
 from experiments import regime_report
 from experiments import sweep
+from ldro.data import fileio
 
 #: The sweep whose runs this report reads, and the main grid the T = 100 / narrow runs are from.
 ABLATION_SWEEP = "cifar10_regime_ablations"
@@ -483,11 +484,8 @@ def write_outputs(regime_root: str, ablations_root: str, out: str,
   """``report.json``, ``report.md`` and (``figure``) ``ablations.png`` under ``out``."""
   report = build_report(regime_root, ablations_root, seeds)
   report["command"] = command
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, default=float)
-  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report, command))
+  fileio.atomic_write_json(os.path.join(out, "report.json"), report)
+  fileio.atomic_write_text(os.path.join(out, "report.md"), markdown(report, command))
   if figure:
     plot(report, os.path.join(out, "ablations.png"))
   return report

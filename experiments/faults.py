@@ -44,6 +44,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from ldro.data import fileio
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TMP_MARK = ".orbax-checkpoint-tmp"
 #: Keys that would make metrics.jsonl depend on wall-clock time.
@@ -626,11 +628,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "`python -m experiments.train`; the killed run is re-run with the same command "
             "until it finishes and then compared with an uninterrupted run of that command "
             "(final checkpoint arrays, metrics.jsonl and config.gin, bitwise).\n\n")
-  with open(os.path.join(args.out, "faults.md"), "w", encoding="utf-8") as f:
-    f.write(header + table + "\n")
-  with open(os.path.join(args.out, "faults.json"), "w", encoding="utf-8") as f:
-    json.dump({"quick": args.quick, "seed": args.seed, "seconds": total,
-               "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+  fileio.atomic_write_text(os.path.join(args.out, "faults.md"), header + table + "\n")
+  fileio.atomic_write_json(os.path.join(args.out, "faults.json"),
+                           {"quick": args.quick, "seed": args.seed, "seconds": total,
+                            "results": [dataclasses.asdict(r) for r in results]})
   print()
   print(table)
   print(f"\nwrote {os.path.join(args.out, 'faults.md')} ({total:.0f} s); scratch {root}")

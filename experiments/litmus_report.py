@@ -29,6 +29,7 @@ import numpy as np
 from experiments import regime_report
 from experiments import sweep
 import ldro
+from ldro.data import fileio
 
 #: The EW run's name in the grid (the regime study's equal-weights run).
 EW_RUN = "static"
@@ -236,10 +237,8 @@ def write_outputs(root: str, out: str) -> dict:
   if not report["rows"]:
     raise FileNotFoundError(f"no finished run with enough evaluations under {root!r}")
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, default=float)
-  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report))
+  fileio.atomic_write_json(os.path.join(out, "report.json"), report)
+  fileio.atomic_write_text(os.path.join(out, "report.md"), markdown(report))
   plot(report, os.path.join(out, "litmus.png"))
   return report
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from experiments.runner import metrics_io
 from ldro import metrics as ldro_metrics
+from ldro.data import fileio
 
 _FLAGS: dict = {}
 
@@ -282,11 +283,8 @@ def plot(table: dict, path: str) -> None:
 
 def _write_md_json(table: dict, markdown: str, out: str, name: str) -> None:
   """``<name>.md`` and ``<name>.json`` under ``out``."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
-    f.write(markdown)
-  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(table, f, indent=2, sort_keys=True, ensure_ascii=False)
+  fileio.atomic_write_text(os.path.join(out, f"{name}.md"), markdown)
+  fileio.atomic_write_json(os.path.join(out, f"{name}.json"), table, indent=2)
 
 
 def write_outputs(table: dict, out: str) -> None:

@@ -32,7 +32,6 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.monolingual")
 
-import json
 import os
 import shutil
 import sys
@@ -49,6 +48,7 @@ from experiments import train as train_lib  # defines --gin_file and --gin_bindi
 from experiments.runner import loop
 from experiments.runner import process
 from experiments.runner import workdir as workdir_lib
+from ldro.data import fileio
 
 _FLAGS: dict = {}
 
@@ -150,12 +150,8 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
                    "gin_files": list(gin_files), "gin_bindings": list(bindings),
                    "selection": "evaluation with the lowest validation loss",
                    "missing": missing}}
-  os.makedirs(mono, exist_ok=True)
   path = os.path.join(mono, "baselines.json")
-  tmp = f"{path}.{os.getpid()}.tmp"  # a private name: several processes may write it
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.atomic_write_json(path, data, indent=2)  # several processes may write it
   print(f"wrote {path} ({len(table)} languages"
         + (f"; missing {', '.join(missing)}" if missing else "") + ")", flush=True)
   return data

@@ -38,6 +38,7 @@ import numpy as np
 
 from experiments.runner import metrics_io
 from ldro import metrics as ldro_metrics
+from ldro.data import fileio
 
 METHOD_LABELS = {
     "static": "Static mixing", "equal": "Static mixing", "dro": "DRO", "ldro": "L-DRO",
@@ -243,10 +244,8 @@ def write_outputs(root: str, out: str, metric: str = "accuracy",
   summary["root"] = root
   os.makedirs(out, exist_ok=True)
   plot(points, summary, os.path.join(out, "pareto.png"), title)
-  with open(os.path.join(out, "pareto.md"), "w", encoding="utf-8") as f:
-    f.write(markdown_table(summary))
-  with open(os.path.join(out, "pareto.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+  fileio.atomic_write_text(os.path.join(out, "pareto.md"), markdown_table(summary))
+  fileio.atomic_write_json(os.path.join(out, "pareto.json"), summary, indent=2)
   return summary
 
 

@@ -41,6 +41,7 @@ from experiments import pareto
 from experiments import sweep
 from experiments.runner import metrics_io
 from ldro import metrics as ldro_metrics
+from ldro.data import fileio
 
 #: (claim, metric, method A, method B): "A beats B on metric" (paper section 5.1, B.1).
 #: Claims in :data:`AT_LEAST` say "A is not below B": within noise they hold.
@@ -550,10 +551,8 @@ def write_outputs(root: str, out: str, curve_runs: Sequence[str] = ("static",),
           for seed in map(int, st["hypervolume_per_seed"])}
   pareto.write_outputs(root, out, title=title,
                        keep=lambda p: (p["method"], p["run"], p["seed"]) in used)
-  with open(os.path.join(out, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
-  with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report))
+  fileio.atomic_write_json(os.path.join(out, "report.json"), report, indent=2)
+  fileio.atomic_write_text(os.path.join(out, "report.md"), markdown(report))
   runs = load_runs(root)
   plot_curves(runs, curve_runs, os.path.join(out, "curves.png"), title)
   if weight_runs:

@@ -60,6 +60,7 @@ from absl import flags
 from experiments.runner import metrics_io
 from experiments.runner import paths
 from experiments.runner import workdir as workdir_lib
+from ldro.data import fileio
 
 
 # The paper's grids (section 5.1).
@@ -568,11 +569,11 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
 def _run_one(run: Run, seed: int, workdir: str, bindings: Sequence[str], cmd_str: str, head: str,
              in_process: bool, say: Callable[[str], None]) -> str:
   """Trains one run (claimed by the caller); returns ``'done'`` or ``'failed'``."""
-  with open(os.path.join(workdir, "command.txt"), "w", encoding="utf-8") as f:
-    f.write(cmd_str + "\n")
-  with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
-    json.dump({"run": run.name, "method": run.label, "seed": seed, "gin_files": list(run.gin_files),
-               "bindings": list(bindings)} | _code_version(), f, indent=2)
+  fileio.atomic_write_text(os.path.join(workdir, "command.txt"), cmd_str + "\n")
+  fileio.atomic_write_json(os.path.join(workdir, "run.json"),
+                           {"run": run.name, "method": run.label, "seed": seed,
+                            "gin_files": list(run.gin_files), "bindings": list(bindings)}
+                           | _code_version(), indent=2)
   status = _status(workdir)
   say(f"{head}: {'starting' if status == 'pending' else 'resuming'}")
   if status == "failed":  # --retry_failed
@@ -652,8 +653,7 @@ def _add_wall_clock(workdir: str, seconds: float, finished: bool) -> None:
   info["attempts"] = int(info["attempts"]) + 1
   info["finished"] = bool(finished)
   info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(info, f)
+  fileio.atomic_write_json(path, info)  # a kill mid-write keeps the time of earlier attempts
 
 
 def _last_error_line(log_path: str) -> str:

@@ -13,7 +13,6 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.synthetic")
 
-import json
 import os
 import shutil
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 from experiments import train as train_lib
 from experiments.families import synthetic as synthetic_family
 from experiments.runner import loop
+from ldro.data import fileio
 
 _OUT = flags.DEFINE_string("out", "results/synthetic", "Output directory.")
 _STEPS = flags.DEFINE_integer("num_steps", 1000, "Training steps per run.")
@@ -151,8 +151,7 @@ def main(argv: Sequence[str]) -> None:
   summary["_meta"] = {"command": "python -m experiments.synthetic " + " ".join(sys.argv[1:]),
                       "num_steps": _STEPS.value, "noise": _NOISE.value,
                       "radius": exp.tasks.radius, "R_squared": exp.tasks.radius ** 2}
-  with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+  fileio.atomic_write_json(os.path.join(out, "summary.json"), summary, indent=2)
   shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)
   print(f"wrote {out}/figure2.png and {out}/summary.json")
 

@@ -31,13 +31,14 @@ worst-group accuracy, No-GP = the best validation pooled average (ties: the earl
 worst-group accuracy; "flip" the share of test predictions that change when the cue is swapped.
 """
 
-import json
 import math
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
+from ldro.data import fileio
 
 
 def read(run_dir: str) -> list[dict]:
@@ -329,11 +330,8 @@ def plot_methods(report: dict, path: str) -> None:
 
 def _write_outputs(out: str, name: str, report: dict, markdown: str, plot=None) -> dict:
   """``<name>.json`` and ``<name>.md`` under ``out``, and ``<name>.png`` if ``plot`` is given."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
-    f.write(markdown)
+  fileio.atomic_write_json(os.path.join(out, f"{name}.json"), report)
+  fileio.atomic_write_text(os.path.join(out, f"{name}.md"), markdown)
   if plot is not None:
     plot(report, os.path.join(out, f"{name}.png"))
   return report

@@ -280,12 +280,28 @@ def test_atomic_savez_from_concurrent_writers(tmp_path):
   """Writers of one cache file (processes on shared storage) never leave a torn file."""
   import concurrent.futures  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  from ldro.data import npz_files  # pylint: disable=g-import-not-at-top
+  from ldro.data import fileio  # pylint: disable=g-import-not-at-top
   path = tmp_path / "sub" / "rows.npz"
   x = np.arange(200_000, dtype=np.int32).reshape(1000, 200)
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    list(pool.map(lambda c: npz_files.atomic_savez(path, compressed=c, x=x), [True, False] * 4))
+    list(pool.map(lambda c: fileio.atomic_savez(path, compressed=c, x=x), [True, False] * 4))
   with np.load(path) as z:
     np.testing.assert_array_equal(z["x"], x)
   assert os.listdir(path.parent) == ["rows.npz"]  # no temporaries left
   assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_text_and_json_writes_keep_the_old_file_on_failure(tmp_path):
+  """A write that fails half-way (a kill, a value JSON cannot hold) leaves the old file whole."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from ldro.data import fileio  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "run.json"
+  fileio.atomic_write_json(path, {"b": np.float32(0.5), "a": "ü"})
+  text = path.read_text(encoding="utf-8")
+  assert json.loads(text) == {"a": "ü", "b": 0.5} and text.index('"a"') < text.index('"b"')
+  with pytest.raises(TypeError):
+    fileio.atomic_write_json(path, {"a": object()})
+  assert path.read_text(encoding="utf-8") == text and os.listdir(tmp_path) == ["run.json"]
+  fileio.atomic_write_text(path, "x\n")
+  assert path.read_text(encoding="utf-8") == "x\n"

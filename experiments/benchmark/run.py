@@ -18,6 +18,7 @@ from experiments.benchmark import report
 from experiments.benchmark import solvers
 from experiments.benchmark import workloads
 from experiments.runner import cpu_runtime
+from ldro.data import fileio
 from ldro.models import cnn
 
 SECTIONS = ("cnn", "direct", "allocator", "convs", "xla_ops", "torch", "lm", "scaling", "memory",
@@ -248,12 +249,9 @@ def run(fv: flags.FlagValues, argv: Sequence[str], log=None, note: str = "") -> 
   res["targets"] = report.evaluate_targets(res)
   res["methods"] = report.method_table(res)
   res["total_s"] = time.perf_counter() - t_start
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "benchmark.json"), "w", encoding="utf-8") as f:
-    json.dump(res, f, indent=1)
+  fileio.atomic_write_json(os.path.join(out_dir, "benchmark.json"), res)
   md = report.to_markdown(res, CHILD_CHECKS)
-  with open(os.path.join(out_dir, "benchmark.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
+  fileio.atomic_write_text(os.path.join(out_dir, "benchmark.md"), md + "\n")
   if res.get("scaling"):
     report.plot_scaling(res["scaling"], os.path.join(out_dir, "scaling.png"),
                         f"interaction step / plain step ({scaling_model} CNN, "

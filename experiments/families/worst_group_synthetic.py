@@ -41,7 +41,6 @@ Choices where the paper is silent or ambiguous (also in ``results/worst_group/RE
   ``w_end``, ``W_aux``, then the constraints applied; fresh per seed, as are the data.
 """
 
-import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -689,14 +688,10 @@ def _plots(out_dir, results, runs, spec):
 
 
 def write_outputs(out_dir, results, runs, spec, figures=True):
-  import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1, default=float)
-  with open(os.path.join(out_dir, "table.md"), "w") as f:
-    if results.get("command"):
-      f.write(f"Command: `{results['command']}`\n\n")
-    f.write(tables_markdown(results))
+  from ldro.data import fileio  # pylint: disable=g-import-not-at-top
+  fileio.atomic_write_json(os.path.join(out_dir, "results.json"), results)
+  command = f"Command: `{results['command']}`\n\n" if results.get("command") else ""
+  fileio.atomic_write_text(os.path.join(out_dir, "table.md"), command + tables_markdown(results))
   if figures:
     _plots(out_dir, results, runs, spec)

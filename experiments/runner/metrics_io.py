@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ldro.data import fileio
+
 
 def read_metrics(path: str, warn: bool = True, note: str = "") -> list[dict]:
   """The records of a ``metrics.jsonl`` in file order (``[]`` if it does not exist).
@@ -90,10 +92,7 @@ class MetricsWriter:
       return
     note = f"; dropped from the file, whose records after step {step} are rewritten"
     keep = [r for r in read_metrics(self.path, warn=step >= 0, note=note) if r["step"] <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:  # the same lines write() made
-      f.write("".join(self._line(r) for r in keep))
-    os.replace(tmp, self.path)
+    fileio.atomic_write_text(self.path, "".join(self._line(r) for r in keep))  # write()'s lines
 
   @staticmethod
   def _line(record: dict) -> str:

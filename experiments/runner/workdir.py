@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import gin
 
+from ldro.data import fileio
+
 
 _WORKDIR_LOCKS: dict[str, Any] = {}
 
@@ -76,10 +78,7 @@ def unlock(path: Optional[str]) -> None:
 
 def write_config(workdir: str) -> None:
   """Writes gin's operative config to ``<workdir>/config.gin`` (atomically: a kill never tears it)."""
-  path = os.path.join(workdir, "config.gin")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(gin.operative_config_str())
-  os.replace(path + ".tmp", path)
+  fileio.atomic_write_text(os.path.join(workdir, "config.gin"), gin.operative_config_str())
 
 
 # ------------------------------------------------------------ fingerprint ----
@@ -208,9 +207,7 @@ def record_fingerprint(workdir: str, record: Optional[dict]) -> None:
         os.replace(os.path.join(workdir, name), os.path.join(history, f"{stamp}-{name}"))
     print(f"warning: resuming workdir {workdir} with another config (--allow_config_change): "
           f"{summary}; the old config is in {history}", file=sys.stderr, flush=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  fileio.atomic_write_json(path, record)
 
 
 def _describe(invocation: Optional[dict]) -> str:

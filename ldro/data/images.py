@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ldro.data import npz_files
+from ldro.data import fileio
 from ldro.data import streams
 
 __all__ = [
@@ -387,7 +387,7 @@ def load_imagefolder_pair_tasks(
   else:
     class_names, arrays = _decode_image_folder(image_dir, splits)
     if cache_path is not None:
-      npz_files.atomic_savez(cache_path, class_names=np.asarray(class_names), **arrays)
+      fileio.atomic_savez(cache_path, class_names=np.asarray(class_names), **arrays)
   if class_names != available:  # Sanity check of the label-id convention.
     raise ValueError(f"ImageFolder classes {class_names} differ from the "
                      f"class folders {available} of {str(image_dir)!r}.")

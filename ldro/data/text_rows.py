@@ -22,7 +22,7 @@ from typing import Dict, Mapping, Optional
 
 import numpy as np
 
-from ldro.data import npz_files
+from ldro.data import fileio
 from ldro.data.text import FEATURES, RowDict  # raises a clear ImportError without seqio / TF
 
 import seqio  # pylint: disable=g-bad-import-order,g-import-not-at-top
@@ -97,7 +97,7 @@ def packed_rows(task_name: str, split: str, sequence_length: int, *,
            else np.zeros((0, sequence_length), np.int32))
     out[k] = arr.astype(np.float32 if k == "decoder_loss_weights" else np.int32)
   if path:
-    npz_files.atomic_savez(path, compressed=True, **out)
+    fileio.atomic_savez(path, compressed=True, **out)
   return out
 
 
