@@ -336,13 +336,13 @@ def make_train_step(
         (l, aux), g = task_grads_of(params, mb, key)
         w = _micro_weight(aux, n)
         # A task without examples in this micro-batch adds nothing, even a non-finite value.
-        g = _scale_tasks(jax.tree_util.tree_map(
+        g = weighting.scale_tasks(jax.tree_util.tree_map(
             lambda x: jnp.where((w > 0).reshape((n,) + (1,) * (x.ndim - 1)), x, 0), g), w)
         return jax.tree_util.tree_map(jnp.add, acc, (g, w)), (l, aux)
       zeros = (jax.tree_util.tree_map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), params),
                jnp.zeros((n,), jnp.float32))
       (g_sum, w_sum), (l_all, aux_all) = jax.lax.scan(body, zeros, (micro, keys))
-      grads = _scale_tasks(g_sum, _inverse_or_zero(w_sum))
+      grads = weighting.scale_tasks(g_sum, _inverse_or_zero(w_sum))
       _, losses, aux = weighted(l_all, aux_all)
       return _constrain(grads, param_shardings, stacked=True), losses, aux
 
@@ -407,12 +407,6 @@ def all_task_losses(task_loss_fn, grouped_losses_fn, params, batch, key) -> tupl
     return grouped_losses_fn(params, batch, key)
   keys = jax.random.split(key, jax.tree_util.tree_leaves(batch)[0].shape[0])
   return jax.vmap(task_loss_fn, in_axes=(None, 0, 0))(params, batch, keys)
-
-
-def _scale_tasks(tree: PyTree, w: Array) -> PyTree:
-  """Every leaf ``[N, ...]`` times ``w [N]`` along its leading task axis."""
-  return jax.tree_util.tree_map(
-      lambda x: x * w.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)), tree)
 
 
 def _inverse_or_zero(x: Array) -> Array:

@@ -214,6 +214,12 @@ def weighted_sum(task_grads: PyTree, weights: Array) -> PyTree:
       lambda g: jnp.tensordot(weights.astype(g.dtype), g, axes=1), task_grads)
 
 
+def scale_tasks(task_tree: PyTree, w: Array) -> PyTree:
+  """Every leaf ``[N, ...]`` times ``w [N]`` along its leading task axis."""
+  return jax.tree_util.tree_map(
+      lambda x: x * w.astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)), task_tree)
+
+
 def pull_back(task_vjp: Callable[[Array], Any], weights: Array) -> PyTree:
   """``task_vjp(c)``: the gradient of ``sum_i c_i l_i`` (lean mode)."""
   out = task_vjp(weights)
@@ -874,9 +880,7 @@ def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> Tas
 
   def aggregate(task_grads, stats: TaskStats, state: CombinedState):
     raw, lam, ls, inner = split(stats, state)
-    scaled = jax.tree_util.tree_map(
-        lambda g: g * lam.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1)), task_grads)
-    out, c, gs = gm.aggregate(scaled, inner, state.gradient_state)
+    out, c, gs = gm.aggregate(scale_tasks(task_grads, lam), inner, state.gradient_state)
     return out, lam * c, CombinedState(raw, ls, jnp.asarray(c, jnp.float32), gs)
 
   rule = Rule(
