@@ -226,6 +226,9 @@ def test_lm_table_over_seeds(tmp_path):
                               runs["ldro_lam0.1"]["avg_perplexity_std"]],
                              [np.mean(want), np.std(want, ddof=1)])
   assert "avg_relative" not in runs["ldro_lam0.1"]  # no monolingual baselines
+  ppl = np.exp([[1.0 + j, 2.0 + j] for j in (0.0, 0.05, -0.03)])  # per seed, per language
+  np.testing.assert_allclose(runs["ldro_lam0.1"]["perplexity"], ppl.mean(0))
+  np.testing.assert_allclose(runs["ldro_lam0.1"]["perplexity_std"], ppl.std(0, ddof=1))
   claims = {(c["run"], c["key"], c["versus"]): c for c in table["claims"]}
   c = claims[("ldro_lam0.1", "avg_perplexity", "static_alpha0")]
   assert c["verdict"] == "holds" and c["seeds"] == [0, 1, 2] and c["mean"] > 0
@@ -233,6 +236,7 @@ def test_lm_table_over_seeds(tmp_path):
   assert c["verdict"] == "does not hold" and c["seeds"] == [0, 1]
   lm_table.write_seeded_outputs(table, str(tmp_path / "out"))
   md = (tmp_path / "out" / "table1_seeds.md").read_text(encoding="utf-8")
+  assert (tmp_path / "out" / "per_language_seeds.png").stat().st_size > 0
   assert "| ldro_lam0.1 | L-DRO (lam0.1) | 0,1,2 |" in md and "# Seed 2" in md
   assert "Not finished, left out: dro_lr1e-4/seed2, static_alpha0/seed3." in md
   with pytest.raises(ValueError, match="no finished runs"):
