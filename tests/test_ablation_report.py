@@ -54,6 +54,8 @@ def _roots(tmp_path):
   _write_run(regime, "ldro-eta1e-3-lam1e-2", 0, 0.55, 0.40)
   _write_run(regime, "ldro-eta1e-3-lam1e-2", 1, 0.56, 0.44)
   _write_run(regime, "dro-eta1e-2", 0, 0.48, 0.42)
+  _write_run(regime, "ldro-eta1e-2-lam1e-1", 0, 0.55, 0.40)  # the model-size rows' L-DRO
+  _write_run(regime, "ldro-eta1e-2-lam1e-1", 1, 0.56, 0.44)
   _write_run(abl, "ldro_T10-eta1e-3-lam1e-2", 0, 0.53, 0.41, wall_s=100.0, run_json=True)
   _write_run(abl, "ldro_T10-eta1e-3-lam1e-2", 1, 0.55, 0.43, wall_s=200.0)
   _write_run(abl, "ldro_T1000-eta1e-3-lam1e-2", 0, 0.57, 0.45, wall_s=50.0)
@@ -97,7 +99,7 @@ def test_tables_match_hand_computed_values(roots):
   narrow_dro = _row(report["model_size"], size="narrow", method="dro-eta1e-2")
   assert narrow_dro["vs_reference"]["worst"]["mean"] == pytest.approx(0.12)  # .42 - .30
   assert narrow_dro["vs_reference"]["worst"]["text"] == "1 seed: no verdict"
-  narrow_ldro = _row(report["model_size"], size="narrow", method="ldro-eta1e-3-lam1e-2")
+  narrow_ldro = _row(report["model_size"], size="narrow", method="ldro-eta1e-2-lam1e-1")
   assert narrow_ldro["vs_reference"]["avg"]["mean"] == pytest.approx(0.045)  # .05, .04
 
   md = ablation_report.markdown(report)
