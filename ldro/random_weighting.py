@@ -83,11 +83,15 @@ def random_gradient_weighting(num_tasks: int, distribution: str = "normal") -> o
   """Random gradient weighting, RGW (Algorithm 2 of the random-weighting paper).
 
   Each step draws ``lambda`` and outputs ``sum_i lambda_i g_i`` from the
-  per-task gradients (Jacobian mode only). Note: with all parameters shared
-  by all tasks, as in this library's models (one shared output layer), RGW's
-  update equals RLW's; they differ only for task-specific parameters, which
-  RLW scales by ``lambda`` and RGW does not, and in the paper's variant that
-  weights gradients with respect to the shared representation.
+  per-task gradients (Jacobian mode only), on every parameter: for the same
+  draw this is RLW's update. The paper's RGW weights only the shared
+  parameters' task gradients and updates task-specific ones with their own
+  gradient, unweighted:
+  ``ldro.on_shared_params(random_gradient_weighting(N), 'encoder',
+  specific='equal')`` (or ``get_method('rgw', ..., shared_params='encoder',
+  specific_params='equal')``). On models whose parameters are all shared by
+  all tasks (ldro's CNN and decoder, one shared output layer) the two are
+  RLW's update.
 
   Args:
     num_tasks: ``N``.

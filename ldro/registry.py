@@ -151,7 +151,8 @@ def get_method(name: str, *, shared_params: Any = None, specific_params: str = "
     name: a registered name (``method_names()``), e.g. ``'ldro'``.
     shared_params: for methods that use the Gram matrix (``'gram'`` in
       ``needs``): take it on the shared parameters only, e.g. ``'encoder'``
-      (:func:`ldro.on_shared_params`; models with task-specific heads).
+      (:func:`ldro.on_shared_params`; models with task-specific heads); for
+      the others only with ``specific_params='equal'`` (the paper's RGW).
       ``None`` (default): on all parameters.
     specific_params: with ``shared_params``, the other (task-specific)
       parameters' update: ``'coefficients'`` (``c_i`` times their task's

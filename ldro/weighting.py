@@ -701,7 +701,7 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
 
 def on_shared_params(tx: TaskWeighting, shared: Any,
                      specific: str = "coefficients") -> TaskWeighting:
-  r"""The method ``tx`` with its Gram matrix taken on the shared parameters only.
+  r"""The method ``tx`` on the shared parameters: its Gram matrix from them only.
 
   A gradient method compares the task gradients through ``G_ij = g_i . g_j``.
   With task-specific parameters (a head ``theta_i`` per task) the task
@@ -739,9 +739,16 @@ def on_shared_params(tx: TaskWeighting, shared: Any,
   gram_strategy='grouped', reuse_refresh_grads=True)``); a Gram matrix
   computed on all parameters (``gram_fn``, ``gram``) is refused.
 
+  A method without a Gram matrix takes only ``specific='equal'``: its
+  coefficients weight the shared parameters' gradients and the heads get
+  their unweighted gradient. This is the random-weighting paper's RGW
+  (Algorithm 2: random weights on the shared parameters' task gradients):
+  ``on_shared_params(ldro.get_method('rgw', num_tasks=N), 'encoder',
+  specific='equal')``.
+
   Args:
-    tx: a task-weighting method that uses the Gram matrix (e.g.
-      ``ldro.mgda(N)``, ``ldro.get_method('nash_mtl', num_tasks=N)``).
+    tx: a task-weighting method (e.g. ``ldro.mgda(N)``,
+      ``ldro.get_method('nash_mtl', num_tasks=N)``).
     shared: the shared parameters' paths (:func:`param_filter`: a regex or
       substring of ``jax.tree_util.keystr`` paths, e.g. ``"encoder"``, or a
       function ``path -> bool``).
@@ -753,18 +760,23 @@ def on_shared_params(tx: TaskWeighting, shared: Any,
     the filter selects none of them at the first update).
 
   Raises:
-    ValueError: ``tx`` uses no Gram matrix, or already chooses its own
-      parameters (GradNorm's ``layer``).
+    TypeError: ``tx`` is not an ldro task-weighting transformation.
+    ValueError: ``tx`` uses no Gram matrix and ``specific`` is
+      ``'coefficients'`` (nothing would change); ``tx`` already chooses its own
+      parameters (GradNorm's ``layer``); ``specific='equal'`` for a method that
+      forms its own update (not coefficients on the task gradients).
   """
   if not isinstance(tx, TaskWeighting):
     raise TypeError("on_shared_params: tx must be an ldro task-weighting transformation (built "
                     f"by ldro.get_method or a method factory), got {type(tx).__name__}.")
   rule = tx.rule
-  if not rule.needs_gram:
-    raise ValueError(f"on_shared_params: {rule.name} does not use the task-gradient Gram matrix, "
-                     "so it has nothing to restrict to the shared parameters.")
   check_choice(specific, "specific", f"on_shared_params({rule.name})",
                ("coefficients", "equal"))
+  if not rule.needs_gram and specific == "coefficients":
+    raise ValueError(f"on_shared_params: {rule.name} does not use the task-gradient Gram matrix, "
+                     "so with specific='coefficients' nothing changes; specific='equal' gives "
+                     "the task-specific parameters their unweighted gradient (RGW's Algorithm "
+                     "2 for rgw).")
   keep = param_filter(shared, f"on_shared_params({rule.name}): shared")
   if keep is None:
     return tx

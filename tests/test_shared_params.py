@@ -121,7 +121,8 @@ def test_combine_keeps_the_filter():
 
 def test_bad_input():
   _, losses, grads, _ = _model_grads()
-  with pytest.raises(ValueError, match="equal_weighting does not use the task-gradient Gram matrix"):
+  with pytest.raises(ValueError, match="equal_weighting does not use the task-gradient Gram "
+                     "matrix, so with specific='coefficients' nothing changes"):
     ldro.get_method("equal", num_tasks=N, shared_params="trunk")
   with pytest.raises(ValueError, match="gradnorm already takes its Gram matrix.*layer"):
     ldro.get_method("gradnorm", num_tasks=N, layer="trunk", shared_params="trunk")
@@ -193,3 +194,28 @@ def test_specific_params_bad_input():
     ldro.get_method("mgda", num_tasks=N, specific_params="equal")
   with pytest.raises(ValueError, match="unknown specific 'sum'"):
     ldro.get_method("mgda", num_tasks=N, shared_params="trunk", specific_params="sum")
+
+
+def test_rgw_on_shared_params_is_the_papers_algorithm_2():
+  """RGW with specific='equal': random weights on the trunk's task gradients, each head its
+  own task's gradient unweighted (/ N); plain RGW is RLW's update for the same draw."""
+  _, losses, grads, _ = _model_grads()
+  key = jax.random.key(3)
+  paper = ldro.get_method("rgw", num_tasks=N, shared_params="trunk", specific_params="equal")
+  out, state = paper.update(grads, paper.init(None), None, key=key)
+  lam = np.asarray(ldro.task_weights(state))
+  np.testing.assert_allclose(lam, ldro.random_weighting.sample_random_weights(key, N),
+                             rtol=1e-6)
+  np.testing.assert_allclose(out["trunk"]["kernel"],
+                             np.tensordot(lam, np.asarray(grads["trunk"]["kernel"]), axes=1),
+                             rtol=1e-5, atol=1e-7)
+  for i in range(N):
+    np.testing.assert_allclose(out["heads"][f"head_{i}"],
+                               np.asarray(grads["heads"][f"head_{i}"][i]) / N, rtol=1e-5)
+  plain = ldro.get_method("rgw", num_tasks=N)
+  rlw = ldro.get_method("rlw", num_tasks=N)
+  a, _ = plain.update(grads, plain.init(None), None, key=key)
+  b, _ = rlw.update(grads, rlw.init(None), None, key=key)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-6)
+  assert not np.allclose(a["heads"]["head_0"], out["heads"]["head_0"])
