@@ -46,9 +46,15 @@ def pcgrad_coefficients(gram: Array, key: Array) -> Array:
 
 
 def pcgrad(num_tasks: int, reduction: str = "mean") -> optax.GradientTransformationExtraArgs:
-  """PCGrad (Yu et al., 2020) as a gradient transformation.
+  """PCGrad (Yu et al., NeurIPS 2020, Algorithm 1) as a gradient transformation.
 
-  Output ``sum_i g_i^PC`` (``reduction='sum'``, Yu et al.'s formula) or its
+  Each task gradient is projected, in a random order of the others, onto the
+  normal plane of every task gradient it conflicts with,
+
+      g_i^PC <- g_i^PC - (g_i^PC . g_j / ||g_j||^2) g_j    if g_i^PC . g_j < 0,
+
+  which on the Gram matrix is a matrix ``C`` of coefficients, ``g_i^PC =
+  sum_k C_ik g_k`` (:func:`pcgrad_coefficients`). Output ``sum_i g_i^PC`` (``reduction='sum'``, Yu et al.'s formula) or its
   mean (``'mean'``, the default: PCGrad applied to the mean task loss, on the
   same scale as the simplex-weighted methods; projections are scale-free so
   only the step size differs). Needs ``key=`` (projection orders). The

@@ -122,7 +122,8 @@ class NashInfo(NamedTuple):
     w: column player (training weights) ``[N]``.
     v: row player (evaluation weights) ``[N]``.
     value: game value ``min_w max_v v^T L w`` found by the LP ``[]``.
-    payoff: ``max_i (L w)_i`` of the returned ``w`` ``[]`` (``<= value + tol``).
+    payoff: ``max_i (L w)_i`` of the returned ``w`` ``[]`` (at most ``value + slack *
+      max(1, max |L|)``, :func:`maxent_nash_with_info`'s ``slack``).
     lp_converged: the simplex method reached optimality ``[]`` bool.
     entropy_converged: the max-entropy Newton solve converged ``[]`` bool.
     lp_iterations: simplex pivots ``[]`` int.
@@ -139,6 +140,7 @@ class NashInfo(NamedTuple):
 
   @property
   def converged(self) -> Array:
+    """Both solves converged (``lp_converged & entropy_converged``) ``[]`` bool."""
     return self.lp_converged & self.entropy_converged
 
 

@@ -59,7 +59,8 @@ def task_gram(task_grads: PyTree) -> Array:
     task_grads: pytree whose leaves all have a leading task axis ``N``.
 
   Returns:
-    ``[N, N]`` float32 (or the gradients' wider float type) Gram matrix.
+    ``[N, N]`` float32 Gram matrix (each block is accumulated in float32, whatever the
+    gradients' dtype).
   """
   n = _leading_dim(task_grads, "task_grads")
   gram = jnp.zeros((n, n), jnp.float32)
@@ -70,7 +71,7 @@ def task_gram(task_grads: PyTree) -> Array:
 
 
 def block_gram(grads_a: PyTree, grads_b: PyTree) -> Array:
-  """Cross Gram block ``G_ij = a_i . b_j`` of two stacks of gradients."""
+  """Cross Gram block ``G_ij = a_i . b_j`` ``[Na, Nb]`` (float32) of two stacks of gradients."""
   na = _leading_dim(grads_a, "grads_a")
   nb = _leading_dim(grads_b, "grads_b")
   out = jnp.zeros((na, nb), jnp.float32)
@@ -152,13 +153,31 @@ def per_task_grads(task_loss_fn: Callable[..., Array], params: PyTree, batch: Py
 
 
 def jacrev_gram(losses_fn: Callable[..., Array], params: PyTree, batch: PyTree) -> Array:
-  """Gram matrix from the Jacobian of ``losses_fn(params, batch) -> [N]``."""
+  """Gram matrix from the Jacobian of ``losses_fn(params, batch) -> [N]`` (``N`` backward passes).
+
+  Args:
+    losses_fn: ``(params, batch) -> [N]`` task losses.
+    params: model parameters.
+    batch: any batch ``losses_fn`` takes (not necessarily task-grouped).
+
+  Returns:
+    ``[N, N]`` float32 Gram matrix.
+  """
   jac = jax.jacrev(losses_fn)(params, batch)
   return task_gram(jac)
 
 
 def grouped_gram(task_loss_fn: Callable[..., Array], params: PyTree, batch: PyTree) -> Array:
-  """Gram matrix of a task-grouped batch via ``vmap(grad)`` over tasks."""
+  """Gram matrix of a task-grouped batch via ``vmap(grad)`` over tasks (about one backward pass).
+
+  Args:
+    task_loss_fn: ``task_loss_fn(params, task_batch) -> scalar``.
+    params: model parameters.
+    batch: task-grouped batch, leaves ``[N, ...]``.
+
+  Returns:
+    ``[N, N]`` float32 Gram matrix; the ``N`` gradients are in memory at once.
+  """
   return task_gram(per_task_grads(task_loss_fn, params, batch))
 
 
@@ -224,6 +243,14 @@ def pairwise_gram(task_loss_fn: Callable[..., Array], params: PyTree, batch: PyT
 
   ``G_ij`` for ``i <= j`` only, each entry from a freshly computed pair of
   gradients with ``g_i`` kept across the row: ``chunked_gram`` with ``c = 1``.
+
+  Args:
+    task_loss_fn: ``task_loss_fn(params, task_batch) -> scalar``.
+    params: model parameters.
+    batch: task-grouped batch, leaves ``[N, ...]``.
+
+  Returns:
+    ``[N, N]`` float32 Gram matrix (``N (N + 1) / 2`` gradient evaluations).
   """
   return chunked_gram(task_loss_fn, params, batch, 1)
 

@@ -300,7 +300,8 @@ def imtl_l(num_tasks: int, lr: float | Array = 0.025,
   coefficients of this step use the ``s`` before the step), kept in
   ``[-20, 20]``. The coefficients are not renormalised (the scale is learned,
   as in UW); ``'mean'`` divides them by ``N``. The full IMTL (:func:`imtl`)
-  uses ``'sum'``.
+  uses ``'mean'``, which :func:`ldro.weighting.combine` rescales by ``N`` (mean-one
+  loss weights), i.e. the scales of ``'sum'``.
 
   Args:
     num_tasks: ``N``.

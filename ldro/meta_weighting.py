@@ -80,7 +80,18 @@ def moml_weights(logits: Array, val_dots: Array, present: Array, meta_lr, inner_
 
 def moml(num_tasks: int, meta_lr: float = 1.0, inner_lr: float = 0.025
          ) -> optax.GradientTransformationExtraArgs:
-  """MOML (Ye et al., NeurIPS 2021) as its one-step meta-gradient (module docstring).
+  """MOML (Ye et al., NeurIPS 2021) as its one-step meta-gradient.
+
+  With the model's step ``theta' = theta - eta sum_i w_i g_i``, to first order
+  ``d L_val(theta') / d w_i = -eta g_val . g_i``; the weights take an
+  exponentiated-gradient step on the simplex,
+
+      z <- z + beta eta (g_val . g_i),    w = softmax(z),
+
+  from ``z = 0`` (equal weights); absent tasks keep their logit and get weight 0.
+  Ye et al. (section 3, the bilevel problem with the loss weights as its
+  upper-level variables) update the weights by gradient steps on the
+  validation loss; the module docstring says how this rule relates to theirs.
 
   Args:
     num_tasks: ``N``.

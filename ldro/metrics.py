@@ -95,7 +95,13 @@ def hypervolume(points: np.ndarray, reference: Sequence[float] = (0.0, 0.0)) -> 
 def best_worst_at_average(points: np.ndarray, min_average: float) -> float:
   """Best worst-case value among points whose average is ``>= min_average``.
 
-  Returns NaN if no point reaches ``min_average``.
+  Args:
+    points: ``[M, 2]`` (average, worst) pairs, e.g. every evaluation of a method.
+    min_average: the average-accuracy level to reach.
+
+  Returns:
+    The largest worst-case value of the qualifying points; NaN if none reaches
+    ``min_average``.
   """
   p = np.asarray(points, np.float64)
   sel = p[p[:, 0] >= min_average]

@@ -58,7 +58,7 @@ def _check_distribution(distribution: str) -> None:
 
 
 def random_loss_weighting(num_tasks: int, distribution: str = "normal") -> optax.GradientTransformationExtraArgs:
-  """Random loss weighting, RLW (Algorithm 1 of the random-weighting paper).
+  """Random loss weighting, RLW (Lin et al., TMLR 2022, Algorithm 1).
 
   Each step draws ``lambda`` from ``distribution`` (:func:`sample_random_weights`)
   and follows ``grad sum_i lambda_i l_i = sum_i lambda_i g_i``. Works in lean
@@ -80,7 +80,7 @@ def random_loss_weighting(num_tasks: int, distribution: str = "normal") -> optax
 
 
 def random_gradient_weighting(num_tasks: int, distribution: str = "normal") -> optax.GradientTransformationExtraArgs:
-  """Random gradient weighting, RGW (Algorithm 2 of the random-weighting paper).
+  """Random gradient weighting, RGW (Lin et al., TMLR 2022, Algorithm 2).
 
   Each step draws ``lambda`` and outputs ``sum_i lambda_i g_i`` from the
   per-task gradients (Jacobian mode only), on every parameter: for the same

@@ -5,7 +5,7 @@ method's label, reference, needs and modes from here instead of keeping their
 own tables::
 
     info = ldro.method_info("cagrad")
-    info.label, info.reference      # 'CAGrad', 'Liu et al., NeurIPS 2021'
+    info.label, info.reference      # 'CAGrad', 'Liu et al., NeurIPS 2021: CAGrad, ...'
     info.needs                      # frozenset({'gram'})
     info.modes, info.preferred_mode  # ('jacobian', 'lean'), 'lean'
     tx = ldro.get_method("cagrad", num_tasks=5)   # the paper's defaults (c = 0.5)
@@ -38,7 +38,8 @@ class MethodInfo:
       ``'task_grads'`` (the per-task gradients themselves: Jacobian mode
       only), ``'val_grads'`` (the gradient of a validation batch).
     modes: the train modes it supports (``'jacobian'``, ``'lean'``).
-    defaults: hyper-parameters with the original paper's defaults (merged
+    defaults: hyper-parameters, the original paper's values where it gives them
+      and otherwise the library's (each factory's docstring says which; merged
       under the arguments given to :func:`get_method`).
     kind: ``'static'``, ``'loss'`` (weights from the losses), ``'dro'``
       (worst-case weights) or ``'gradient'`` (coefficients from the

@@ -226,7 +226,7 @@ def rotation_loss_grad(generators: Array, rotations: Array, target: Array,
 
 @jax.custom_vjp
 def rotate_tasks(z: Array, generators: Array, reference_norms: Array) -> Array:
-  """``r_k = R_k z_k`` per task block, with RotoGrad's backward pass.
+  """``r_k = R_k z_k`` per task block, with RotoGrad's backward pass (Javaloy and Valera, ICLR 2022).
 
   Forward: ``r[k, i] = R_k z[k, i]``. Backward (cotangent ``U [N, b, d]``):
 
@@ -400,6 +400,11 @@ def rotograd_optimizer(model_tx: optax.GradientTransformation,
                        rotation_tx: Optional[optax.GradientTransformation] = None,
                        burn_in_period: int = 20) -> optax.GradientTransformation:
   """The model's optimizer, with RotoGrad's rotations and reference norms handled apart.
+
+  RotoGrad (Javaloy and Valera, ICLR 2022) learns each task's rotation
+  ``R_k = expm(A_k - A_k^T)`` by gradient steps on its rotation loss (the rotated
+  task gradients aligned with their common direction) while the model follows the
+  task losses; this optimizer routes each part of the parameters to its own rule.
 
   ``optax.multi_transform`` over :func:`rotograd_labels`: the generators of
   :class:`TaskRotations` follow ``rotation_tx`` (their "gradient" is that of

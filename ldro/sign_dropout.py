@@ -82,7 +82,8 @@ def graddrop(num_tasks: int, leak: float | Array = 0.0,
   purity ``P = 1/2 (1 + sum_i g_i / sum_i |g_i|)``, and drops the others
   (:func:`graddrop_aggregate`): ``update = sum_i (l + (1 - l) M_i) g_i``
   with ``M_i = (P > U and g_i > 0) or (P < U and g_i < 0)``, ``U ~ U(0, 1)``
-  per coordinate. Where all tasks agree in sign the update is their sum.
+  per coordinate. Where all tasks agree in sign the update is their sum (their mean with the
+  default ``reduction='mean'``, below).
 
   Per-coordinate masks are not coefficients on the task gradients, so
   GradDrop needs the per-task gradients themselves (Jacobian mode; lean mode
@@ -109,7 +110,7 @@ def graddrop(num_tasks: int, leak: float | Array = 0.0,
   mean multiplier ``l + (1 - l) M_i`` over its non-zero gradient coordinates
   (0 for an all-zero or absent gradient; ``/ N`` with ``'mean'``). It is a
   diagnostic: the update is ``sum_i c_i g_i`` only where the masks are
-  constant per task (e.g. all signs agree: ``c = 1``). Absent tasks
+  constant per task (e.g. all signs agree: ``c = 1``, ``1 / N`` with ``'mean'``). Absent tasks
   (``task_mask``) are treated as zero gradients.
 
   Args:

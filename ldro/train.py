@@ -8,8 +8,11 @@ loss on its slice. Two ways to get the weighted update:
 * ``mode='jacobian'``: all ``N`` task gradients by ``vmap(grad)`` over the task
   axis (about one backward pass), handed to the weighting transformation,
   which forms ``sum_i w_i g_i`` and, when due, the Gram matrix from the same
-  gradients (no second backward pass). Needed by gradient-level methods
-  (PCGrad, RGW) and by L-DRO with an interaction update every step.
+  gradients (no second backward pass). Needed by the methods that support it
+  only (``ldro.method_info(name).modes == ('jacobian',)``: GradDrop, whose
+  update is not a weighted sum of the task gradients, and RGW), and the cheaper
+  choice for Gram-based methods that refresh every step (PCGrad, MGDA, L-DRO
+  with ``update_every=1``).
 * ``mode='lean'``: one forward pass with ``jax.vjp``; the transformation picks
   this step's weights from the losses and pulls them back through the VJP
   (exactly the cost of ordinary training). The Gram matrix is computed only
@@ -74,7 +77,16 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params: PyTree, tx: optax.GradientTransformation, rng: Array) -> TrainState:
-  """Initial :class:`TrainState` (step 0)."""
+  """Initial :class:`TrainState` (step 0).
+
+  Args:
+    params: the model parameters.
+    tx: the whole optimizer chain (e.g. ``optax.chain(ldro.get_method(...), optax.sgd(...))``).
+    rng: the PRNG key the train step splits each step.
+
+  Returns:
+    The state with ``tx.init(params)`` and no non-finite step recorded.
+  """
   return TrainState(
       step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
       nonfinite_count=jnp.zeros([], jnp.int32),
@@ -379,11 +391,21 @@ def make_train_step(
 
 
 def split_microbatches(batch: PyTree, k: int) -> PyTree:
-  """``[N, B, ...]`` leaves as ``[k, N, B / k, ...]``: micro-batch ``m`` holds examples
-  ``m, m + k, m + 2k, ...`` of every task. Strided, so that under a mesh that shards the
-  example axis in contiguous blocks every device keeps its own examples in every
-  micro-batch (contiguous micro-batches would each sit on ``1/k`` of the devices). A leaf
-  with the task axis only (``[N]``, e.g. task ids) goes to every micro-batch whole.
+  """A task-grouped batch cut into ``k`` strided micro-batches along its example axis.
+
+  Leaves ``[N, B, ...]`` become ``[k, N, B / k, ...]``: micro-batch ``m`` holds
+  examples ``m, m + k, m + 2k, ...`` of every task. Strided, so that under a mesh
+  that shards the example axis in contiguous blocks every device keeps its own
+  examples in every micro-batch (contiguous micro-batches would each sit on
+  ``1/k`` of the devices). A leaf with the task axis only (``[N]``, e.g. task
+  ids) goes to every micro-batch whole.
+
+  Args:
+    batch: the task-grouped batch (leaves ``[N, B, ...]`` or ``[N]``).
+    k: the number of micro-batches.
+
+  Returns:
+    The batch with a leading micro-batch axis ``k`` on every leaf.
 
   Raises:
     ValueError: ``B`` not divisible by ``k`` (or a scalar leaf).
@@ -399,10 +421,22 @@ def split_microbatches(batch: PyTree, k: int) -> PyTree:
   return jax.tree_util.tree_map_with_path(cut, batch)
 
 
-def all_task_losses(task_loss_fn, grouped_losses_fn, params, batch, key) -> tuple[Array, Any]:
-  """``(losses [N], aux)`` of a task-grouped batch: ``grouped_losses_fn(params, batch, key)``
-  if given, else ``vmap`` of ``task_loss_fn`` over the tasks' slices, task ``i`` with the
-  ``i``-th key of ``jax.random.split(key, N)``."""
+def all_task_losses(task_loss_fn: Callable, grouped_losses_fn: Optional[Callable],
+                    params: PyTree, batch: PyTree, key: Array) -> tuple[Array, Any]:
+  """The ``N`` task losses of a task-grouped batch.
+
+  Args:
+    task_loss_fn: ``(params, task_batch, key) -> (loss, aux)`` on one task's slice.
+    grouped_losses_fn: ``(params, batch, key) -> (losses [N], aux)`` on the whole
+      batch, used when given (one forward pass, e.g. a model that mixes tasks).
+    params: the model parameters.
+    batch: the task-grouped batch (leaves ``[N, ...]``).
+    key: PRNG key; without ``grouped_losses_fn`` task ``i`` gets the ``i``-th key
+      of ``jax.random.split(key, N)``.
+
+  Returns:
+    ``(losses [N], aux)``, ``aux`` with a leading task axis when ``vmap`` forms it.
+  """
   if grouped_losses_fn is not None:
     return grouped_losses_fn(params, batch, key)
   keys = jax.random.split(key, jax.tree_util.tree_leaves(batch)[0].shape[0])
@@ -438,8 +472,8 @@ def make_plain_step(
   """Ordinary training on any batch (no task weighting), e.g. for mixtures.
 
   Args:
-    loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``; ``aux`` must hold
-      ``'task_losses'`` ``[N]`` (for logging; may be NaN-free estimates).
+    loss_fn: ``loss_fn(params, batch, rng) -> (loss, aux)``; ``aux`` may hold
+      ``'task_losses'`` ``[N]`` (for logging; without it every task logs ``loss``).
     tx: a plain optax transformation.
     num_tasks: ``N``.
     param_shardings: optional shardings of the params (see

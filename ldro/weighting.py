@@ -260,6 +260,7 @@ def task_weights(opt_state: Any) -> Array:
 
 
 def uniform(num_tasks: int) -> Array:
+  """Equal weights ``1 / N`` ``[N]`` float32."""
   return jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
 
 
@@ -798,10 +799,23 @@ def loss_weighting(
     needs_losses: bool = True,
     needs_key: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  """A stateless weighting rule ``next_weights(w, losses, mask, key, count) -> w_new``.
+  """A loss-weighting method from its rule ``next_weights(w, losses, mask, key, count) -> w_new``.
 
   Shorthand for :func:`task_weighting` with a rule that reads the previous
-  weights, the losses, the mask and the key (loss-weighting methods).
+  weights, the losses, the mask and the key, and keeps no state of its own
+  (the weights are the core's state).
+
+  Args:
+    name: the method's name in error messages.
+    num_tasks: ``N``.
+    next_weights: ``(w [N], losses [N] or None, mask [N] or None, key or None,
+      count []) -> [N]`` this step's weights (``count``: the steps before this one).
+    init_weights: ``N -> [N]`` the weights before the first step (default uniform).
+    needs_losses: the rule reads ``losses`` (the ``task_losses`` extra argument).
+    needs_key: the rule reads ``key`` (the ``key`` extra argument).
+
+  Returns:
+    A :class:`TaskWeighting` (Jacobian and lean mode).
   """
   def coefficients(stats: TaskStats, state):
     return next_weights(stats.weights, stats.losses, stats.mask, stats.key, stats.count), state

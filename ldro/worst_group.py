@@ -90,7 +90,16 @@ def random_patch_mask(key: Array, image_shape: Sequence[int], patch: int = 4,
 
 
 def apply_patch_mask(images: Array, mask: Array, fill: float = 0.0) -> Array:
-  """``images`` with the masked pixels (``mask`` ``[..., H, W]``, all channels) set to ``fill``."""
+  """``images`` with the masked pixels set to ``fill`` in every channel.
+
+  Args:
+    images: ``[..., H, W, C]``.
+    mask: boolean ``[..., H, W]`` (:func:`random_patch_mask`), True where masked.
+    fill: the masked pixels' value.
+
+  Returns:
+    ``images``' shape and dtype.
+  """
   images = jnp.asarray(images)
   mask = jnp.asarray(mask, bool)
   if mask.shape != images.shape[:-1]:
@@ -115,7 +124,7 @@ def masked_reconstruction_loss(pred: Array, target: Array, mask: Optional[Array]
       broadcast over channels: each masked pixel counts ``C`` elements).
 
   Returns:
-    Scalar loss (float32 or ``pred``'s float dtype).
+    Scalar float32 loss (``pred`` and ``target`` are cast to float32).
   """
   pred, target = jnp.asarray(pred), jnp.asarray(target)
   if pred.shape != target.shape:
@@ -140,9 +149,14 @@ def masked_reconstruction_loss(pred: Array, target: Array, mask: Optional[Array]
 # --------------------------------------------------------------------------------------------
 
 def jtt_error_set(preds: Array, labels: Array) -> np.ndarray:
-  """JTT's error set: boolean ``[n]``, True where stage 1 misclassified the example.
+  """JTT's error set (Liu et al., ICML 2021, stage 1): the examples stage 1 misclassified.
 
-  ``preds`` are predicted labels ``[n]`` or logits ``[n, K]`` (argmax).
+  Args:
+    preds: stage 1's predicted labels ``[n]`` or logits ``[n, K]`` (argmax).
+    labels: ``[n]`` training labels.
+
+  Returns:
+    Boolean ``[n]``, True where ``pred != label``.
   """
   preds, labels = np.asarray(preds), np.asarray(labels)
   if preds.ndim == labels.ndim + 1:
@@ -212,6 +226,14 @@ def jtt_batch_indices(errors: Array, up_weight: int, seed: int, step: int, batch
   Epoch ``e`` is :func:`jtt_upweighted_indices` ``(..., seed, e)`` cut into
   ``L // batch_size`` full batches (the remainder of each epoch is dropped), so
   ``epoch = step // (L // batch_size)``. Suits the runner's ``train_batch(step)``.
+
+  Args:
+    errors, up_weight, seed, on_empty: as :func:`jtt_upweighted_indices`.
+    step: the global stage-2 step (0-based).
+    batch_size: examples per batch, at most the epoch length ``L``.
+
+  Returns:
+    ``int32 [batch_size]`` training-set indices.
   """
   e = _check_errors(errors, up_weight, on_empty)
   length = e.size + (int(up_weight) - 1) * int(e.sum())
@@ -245,7 +267,16 @@ class GroupAccuracy(NamedTuple):
 
 
 def make_group_ids(labels: Array, attributes: Array, num_attributes: int) -> Array:
-  """Group id ``g = label * num_attributes + attribute`` (labels and attributes 0-based)."""
+  """Group id ``g = label * num_attributes + attribute`` (labels and attributes 0-based).
+
+  Args:
+    labels: integer labels ``[...]``.
+    attributes: integer spurious attributes, ``labels``' shape.
+    num_attributes: how many attribute values.
+
+  Returns:
+    Integer group ids in ``[0, num_labels * num_attributes)``.
+  """
   return jnp.asarray(labels) * num_attributes + jnp.asarray(attributes)
 
 
@@ -266,8 +297,18 @@ def group_correct_counts(logits_or_preds: Array, labels: Array, groups: Array,
                          num_groups: int) -> tuple[Array, Array]:
   """Jittable core: ``(correct [G], counts [G])`` per group (ids outside ``[0, G)`` dropped).
 
-  Predictions as in :func:`per_group_accuracy`. No validation: use inside ``jit``/``scan``
-  and check the counts once outside (or call :func:`per_group_accuracy`).
+  No validation: use inside ``jit``/``scan`` and check the counts once outside (or call
+  :func:`per_group_accuracy`).
+
+  Args:
+    logits_or_preds: as in :func:`per_group_accuracy`: predicted labels, one binary
+      logit per example, or logits ``[..., K]``.
+    labels: integer labels.
+    groups: integer group ids, ``labels``' shape.
+    num_groups: ``G``.
+
+  Returns:
+    ``(correct, counts)``, float32 ``[G]`` each.
   """
   preds = _predictions(logits_or_preds, labels)
   correct = (preds == jnp.asarray(labels)).astype(jnp.float32).reshape(-1)
@@ -289,6 +330,12 @@ def check_groups(groups: Array, num_groups: int, split: str = "",
     num_groups: ``G``; valid ids are ``0..G-1``.
     split: name used in the messages (e.g. ``'val'``).
     group_names: optional ``G`` names used in the messages.
+
+  Returns:
+    ``int [G]`` examples per group.
+
+  Raises:
+    ValueError: no examples, non-integer ids, an id outside ``[0, G)`` or an empty group.
   """
   where = f"{split} split: " if split else ""
   g = np.asarray(groups)
