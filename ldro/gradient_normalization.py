@@ -46,9 +46,21 @@ def gradnorm_step(w: Array, gram: Array, losses: Array, initial_losses: Array,
                   ) -> tuple[Array, Array]:
   """One GradNorm update of the loss weights ``w`` (sum ``N``) from the Gram matrix on ``W``.
 
-  Returns ``(w_new, gradnorm_loss)``; see :func:`gradnorm` for the maths.
-  Absent tasks (``present`` False) do not enter the means and keep their
-  weight before the renormalisation.
+  See :func:`gradnorm` for the maths. Absent tasks (``present`` False) do not
+  enter the means and keep their weight before the renormalisation.
+
+  Args:
+    w: ``[N]`` loss weights, summing to ``N``.
+    gram: ``[N, N]`` Gram matrix of the task gradients on the layer ``W``.
+    losses: ``[N]`` this step's task losses.
+    initial_losses: ``[N]`` the first step's losses (``L_i(0)``; 0 where unknown).
+    present: ``[N]`` bool, the tasks in this batch.
+    alpha: the asymmetry ``alpha``.
+    lr: the weights' step size.
+
+  Returns:
+    ``(w_new [N], gradnorm_loss [])``: the renormalised weights and ``sum_i |G_W^(i) -
+    target_i|``.
   """
   n = w.shape[0]
   k = jnp.maximum(jnp.sum(present), 1).astype(jnp.float32)
