@@ -57,9 +57,10 @@ _METHODS = [
     (r"^baselined_dro(_lr(?P<lr>.+))?$", "Baselined-DRO", "Baselined-DRO{lr}"),
     (r"^dro(_lr(?P<lr>.+))?$", "DRO", "DRO{lr}"),
     (r"^ldro(?P<rest>.*)$", "L-DRO", "L-DRO{rest}"),
+    (r"^equal_stratified$", "Equal weights (stratified)", "Equal weights (stratified)"),
 ]
-_ORDER = ["Static mixing (α = 1)", "Static mixing (α = 0.3)", "Static mixing (α = 0)", "DRO",
-          "Baselined-DRO", "L-DRO", "Monolingual"]
+_ORDER = ["Static mixing (α = 1)", "Static mixing (α = 0.3)", "Static mixing (α = 0)",
+          "Equal weights (stratified)", "DRO", "Baselined-DRO", "L-DRO", "Monolingual"]
 
 
 def classify(run: str) -> tuple[str, str]:

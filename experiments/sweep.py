@@ -266,15 +266,17 @@ LM_DIR = "gin_configs/multilingual"
 
 def multilingual_seeds_grid() -> list[Run]:
   """Static mixing alpha 0 and 0.3, DRO (eta 1e-4), Baselined-DRO (eta 1e-3), L-DRO
-  (lambda 0.1): 5 runs; Baselined-DRO reads ``BASELINES`` (bind it to the monolingual runs'
-  baselines.json of the same set-up)."""
+  (lambda 0.1), and equal weights on the stratified batches (the control that separates the
+  batch format from the method): 6 runs; Baselined-DRO reads ``BASELINES`` (bind it to the
+  monolingual runs' baselines.json of the same set-up)."""
   size = (f"{LM_DIR}/cpu.gin", f"{LM_DIR}/cpu_seeds.gin")
   return [Run("static_alpha0", (f"{LM_DIR}/static_alpha0.gin",) + size, (), "static_alpha0"),
           Run("static_alpha0.3", (f"{LM_DIR}/static_alpha0.3.gin",) + size, (), "static_alpha0.3"),
           Run("dro_lr1e-4", (f"{LM_DIR}/dro_lr1e-4.gin",) + size, (), "dro"),
           Run("baselined_dro_lr1e-3", (f"{LM_DIR}/baselined_dro.gin",) + size,
               ("WEIGHT_LR = 1e-3",), "baselined_dro"),
-          Run("ldro_lam0.1", (f"{LM_DIR}/ldro.gin",) + size, ("LOOKAHEAD_LR = 0.1",), "ldro")]
+          Run("ldro_lam0.1", (f"{LM_DIR}/ldro.gin",) + size, ("LOOKAHEAD_LR = 0.1",), "ldro"),
+          Run("equal_stratified", (f"{LM_DIR}/equal_stratified.gin",) + size, (), "equal")]
 
 
 def _synthetic_sweep() -> list[Run]:

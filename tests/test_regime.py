@@ -251,8 +251,10 @@ def test_multilingual_seed_grid_parses(gin_config):
   import gin  # pylint: disable=g-import-not-at-top
   runs = sweep.sweep_runs("multilingual_seeds")
   assert [r.name for r in runs] == ["static_alpha0", "static_alpha0.3", "dro_lr1e-4",
-                                    "baselined_dro_lr1e-3", "ldro_lam0.1"]
+                                    "baselined_dro_lr1e-3", "ldro_lam0.1", "equal_stratified"]
   for r in runs:
     gin_config(list(r.gin_files), list(r.bindings) + ["BASELINES = '/tmp/b.json'"])
     assert gin.query_parameter("%ROWS_PER_LANGUAGE") == 2
     assert gin.query_parameter("%NUM_STEPS") == 1800
+  # the control: equal weights on the stratified batches (no mixture rate)
+  assert gin.query_parameter("%METHOD") == "equal" and gin.query_parameter("%ALPHA") is None
