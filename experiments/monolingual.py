@@ -32,9 +32,11 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.monolingual")
 
+import json
 import os
 import shutil
 import sys
+import time
 from typing import Optional, Sequence
 
 from absl import app
@@ -72,6 +74,11 @@ def summarize_language(workdir: str) -> Optional[dict]:
   entry = {"step": int(rec["step"]),
            "validation_loss": float(rec["task_loss"][0]),
            "validation_perplexity": float(np.exp(rec["task_loss"][0]))}
+  try:  # the training's wall-clock, summed over attempts (workdir_lib.add_wall_clock)
+    with open(os.path.join(workdir, "wall_clock.json"), encoding="utf-8") as f:
+      entry["wall_s"] = float(json.load(f)["wall_s"])
+  except (OSError, ValueError, KeyError):
+    pass
   if rec.get("test_task_loss"):
     entry["test_loss"] = float(rec["test_task_loss"][0])
     entry["test_perplexity"] = float(np.exp(rec["test_task_loss"][0]))
@@ -115,7 +122,11 @@ def run(root: str, gin_files: Sequence[str], bindings: Sequence[str],
       print(f"[mono {lang}] already trained ({steps} steps)", flush=True)
     else:
       print(f"[mono {lang}] training {steps} steps in {workdir}", flush=True)
-      loop.train_and_evaluate(workdir, quiet=True)
+      t0 = time.time()
+      try:
+        loop.train_and_evaluate(workdir, quiet=True)
+      finally:  # every attempt's time, also an interrupted one's (resumed later)
+        workdir_lib.add_wall_clock(workdir, time.time() - t0, _finished(workdir, steps))
     if not keep_checkpoints:
       shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
     entry = summarize_language(workdir)

@@ -43,7 +43,6 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   _cpu_runtime.configure_process("experiments.sweep")
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -609,14 +608,14 @@ def _run_one(run: Run, seed: int, workdir: str, bindings: Sequence[str], cmd_str
             proc.wait(timeout=120)
           except subprocess.TimeoutExpired:
             proc.kill()
-        _add_wall_clock(workdir, time.time() - t0, False)
+        workdir_lib.add_wall_clock(workdir, time.time() - t0, False)
         say(f"{head}: interrupted after {time.time() - t0:.0f}s")
         raise
     if proc.returncode != 0:
       error = f"exit status {proc.returncode}; " + _last_error_line(
           os.path.join(workdir, "train.log"))
   took = time.time() - t0
-  _add_wall_clock(workdir, took, error is None)
+  workdir_lib.add_wall_clock(workdir, took, error is None)
   if error is not None:
     with open(os.path.join(workdir, "FAILED"), "w", encoding="utf-8") as f:
       f.write(error + "\n")
@@ -642,22 +641,6 @@ def _code_version() -> dict:
     return {}
   modified = sorted(l[3:] for l in status if l[3:].endswith((".py", ".gin")))
   return {"git_commit": head, "git_modified": modified}
-
-
-def _add_wall_clock(workdir: str, seconds: float, finished: bool) -> None:
-  """Adds one attempt's wall-clock to ``<workdir>/wall_clock.json`` (summed over resumes)."""
-  path = os.path.join(workdir, "wall_clock.json")
-  info = {"wall_s": 0.0, "attempts": 0}
-  try:
-    with open(path, encoding="utf-8") as f:
-      info.update(json.load(f))
-  except (OSError, ValueError):
-    pass
-  info["wall_s"] = round(float(info["wall_s"]) + seconds, 1)
-  info["attempts"] = int(info["attempts"]) + 1
-  info["finished"] = bool(finished)
-  info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-  fileio.atomic_write_json(path, info)  # a kill mid-write keeps the time of earlier attempts
 
 
 def _last_error_line(log_path: str) -> str:

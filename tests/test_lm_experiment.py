@@ -295,3 +295,5 @@ def test_monolingual_processes_share_the_languages(tmp_path, monkeypatch):
   assert trained == [langs[2], langs[0], langs[1]]  # each language trained exactly once
   assert sorted(data["languages"]) == sorted(langs)
   assert data["languages"][langs[1]]["validation_loss"] == 1.5
+  # the training's wall-clock, for the languages this process trained
+  assert data["languages"][langs[1]]["wall_s"] >= 0 and "wall_s" not in data["languages"][langs[0]]

@@ -43,6 +43,22 @@ def lock(workdir: str) -> str:
   return path
 
 
+def add_wall_clock(workdir: str, seconds: float, finished: bool) -> None:
+  """Adds one attempt's wall-clock to ``<workdir>/wall_clock.json`` (summed over resumes)."""
+  path = os.path.join(workdir, "wall_clock.json")
+  info = {"wall_s": 0.0, "attempts": 0}
+  try:
+    with open(path, encoding="utf-8") as f:
+      info.update(json.load(f))
+  except (OSError, ValueError):
+    pass
+  info["wall_s"] = round(float(info["wall_s"]) + seconds, 1)
+  info["attempts"] = int(info["attempts"]) + 1
+  info["finished"] = bool(finished)
+  info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+  fileio.atomic_write_json(path, info)  # a kill mid-write keeps the time of earlier attempts
+
+
 def claim(workdir: str, block: bool = False):
   """Exclusively ``flock``s ``<workdir>/.claim`` for the driver that trains the run.
 
