@@ -273,7 +273,9 @@ def plot(table: dict, path: str) -> None:
   axes[0, 0].set_title("Per-language perplexity (lower is better)" + (
       f"; mean and std over seeds {', '.join(map(str, table['seeds']))}"
       if table.get("seeds") else ""))
-  axes[0, 0].legend(ncol=min(len(rows), 4), fontsize=9)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  ncol = min(len(rows), 4)
+  fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
   for ax in axes[:, 0]:
     ax.set_xticks(x)
     ax.set_xticklabels(langs, fontsize=11)
@@ -283,7 +285,7 @@ def plot(table: dict, path: str) -> None:
     axes[1, 0].axhline(0, color="k", lw=0.8)
     axes[1, 0].set_ylabel("relative perplexity (%)")
     axes[1, 0].set_title("Relative perplexity vs. the monolingual model (Eq. 3; 0 = monolingual)")
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0.025 * (-(-len(rows) // ncol)) + 0.01, 1, 1))  # room for the legend
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -455,7 +457,7 @@ def write_seeded_outputs(table: dict, out: str) -> None:
   """``table1_seeds.md``, ``table1_seeds.json`` and ``per_language_seeds.png`` (each run's
   per-language perplexities, mean and std over seeds) under ``out``."""
   _write_md_json(table, seeded_markdown(table), out, "table1_seeds")
-  rows = [dict(r, method=f"{r['label']} ({r['run']})") for r in table["runs"]]
+  rows = [dict(r, method=r["label"]) for r in table["runs"]]
   if table.get("monolingual"):
     rows.append(table["monolingual"])
   plot({"methods": rows, "languages": table["languages"], "split": table["split"],
