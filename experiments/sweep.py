@@ -475,12 +475,14 @@ def _last_record(workdir: str) -> Optional[dict]:
 
 
 def _summary(rec: Optional[dict]) -> str:
+  """`` | step S avg M x worst M y`` for the first metric ``M`` the record has both
+  ``avg_M`` and ``worst_M`` of (the LM logs ``avg_loss`` without ``worst_loss``); else ''."""
   if not rec:
     return ""
-  avg = [k for k in rec if k.startswith("avg_")]
-  if not avg:
+  both = [k[4:] for k in sorted(rec) if k.startswith("avg_") and f"worst_{k[4:]}" in rec]
+  if not both:
     return ""
-  m = avg[0][4:]
+  m = both[0]
   return f" | step {rec['step']} avg {m} {rec[f'avg_{m}']:.4f} worst {m} {rec[f'worst_{m}']:.4f}"
 
 

@@ -223,3 +223,10 @@ def test_pareto_errors(tmp_path):
     pareto.collect_points(str(tmp_path / "absent"))
   with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
     pareto.collect_points(str(tmp_path))
+
+
+def test_progress_line_needs_avg_and_worst_of_one_metric():
+  """The LM logs avg_loss without worst_loss: the line takes perplexity (it crashed the sweep)."""
+  rec = {"step": 3, "avg_loss": 1.0, "avg_perplexity": 2.0, "worst_perplexity": 3.0}
+  assert sweep._summary(rec) == " | step 3 avg perplexity 2.0000 worst perplexity 3.0000"  # pylint: disable=protected-access
+  assert sweep._summary({"step": 3, "avg_loss": 1.0}) == ""  # pylint: disable=protected-access
