@@ -389,6 +389,9 @@ def build_seeded_table(root: str, mono_path: str, split: str = "test") -> dict:
       if vals:
         out[key] = float(np.mean(vals))
         out[f"{key}_std"] = _std(vals)
+    weights = [r["task_weights"] for r in rows.values() if r.get("task_weights") is not None]
+    if len(weights) == len(rows):  # at the selected evaluation (mixtures: the sampling rates)
+      out["task_weights"] = np.mean(weights, axis=0).tolist()
     for key in ("perplexity", "relative_perplexity"):  # per language: the figure's bars
       vals = np.array([r[key] for r in rows.values() if r.get(key) is not None])
       if len(vals):
@@ -448,6 +451,13 @@ def seeded_markdown(table: dict) -> str:
     lines.append(f"| {c['run']} has the lowest {c['key'].replace('_', ' ')} | {c['versus']} | "
                  f"{c['verdict']} | {c['mean']:+.1f} | {se} | "
                  f"{','.join(map(str, c['seeds']))} |")
+  langs = table["languages"]
+  lines += ["", "## Task weights at the selected evaluation (mean over seeds; static mixing: "
+            "its sampling rates)", "", "| run | " + " | ".join(langs) + " |",
+            "|---|" + "---:|" * len(langs)]
+  for r in table["runs"]:
+    if r.get("task_weights") is not None:
+      lines.append(f"| {r['run']} | " + " | ".join(f"{w:.3f}" for w in r["task_weights"]) + " |")
   for k, t in table["per_seed"].items():
     lines += ["", f"# Seed {k}", "", to_markdown(t).split("## All runs")[0].strip()]
   return "\n".join(lines) + "\n"

@@ -237,6 +237,7 @@ def test_lm_table_over_seeds(tmp_path):
   lm_table.write_seeded_outputs(table, str(tmp_path / "out"))
   md = (tmp_path / "out" / "table1_seeds.md").read_text(encoding="utf-8")
   assert (tmp_path / "out" / "per_language_seeds.png").stat().st_size > 0
+  assert "| ldro_lam0.1 | 0.500 | 0.500 |" in md  # the weights at the selected evaluation
   assert "| ldro_lam0.1 | L-DRO (lam0.1) | 0,1,2 |" in md and "# Seed 2" in md
   assert "Not finished, left out: dro_lr1e-4/seed2, static_alpha0/seed3." in md
   with pytest.raises(ValueError, match="no finished runs"):
