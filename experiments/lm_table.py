@@ -271,7 +271,7 @@ def plot(table: dict, path: str) -> None:
   axes[0, 0].set_yscale("log")
   axes[0, 0].set_ylabel(f"{table['split']} perplexity (log scale)")
   axes[0, 0].set_title("Per-language perplexity (lower is better)" + (
-      f"; mean and std over seeds {', '.join(map(str, table['seeds']))}"
+      f"; mean and std over each run's seeds (of {', '.join(map(str, table['seeds']))})"
       if table.get("seeds") else ""))
   handles, labels = axes[0, 0].get_legend_handles_labels()
   ncol = min(len(rows), 4)
@@ -388,7 +388,7 @@ def build_seeded_table(root: str, mono_path: str, split: str = "test") -> dict:
       vals = [r[key] for r in rows.values() if r.get(key) is not None]
       if vals:
         out[key] = float(np.mean(vals))
-        out[f"{key}_std"] = _std(vals)
+        out[f"{key}_std"] = float(_std(vals))
     weights = [r["task_weights"] for r in rows.values() if r.get("task_weights") is not None]
     if len(weights) == len(rows):  # at the selected evaluation (mixtures: the sampling rates)
       out["task_weights"] = np.mean(weights, axis=0).tolist()

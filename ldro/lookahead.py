@@ -59,8 +59,8 @@ def task_gram(task_grads: PyTree) -> Array:
     task_grads: pytree whose leaves all have a leading task axis ``N``.
 
   Returns:
-    ``[N, N]`` float32 Gram matrix (each block is accumulated in float32, whatever the
-    gradients' dtype).
+    ``[N, N]`` float32 Gram matrix (each leaf's block is computed in the gradients' dtype,
+    the sum over leaves in float32).
   """
   n = _leading_dim(task_grads, "task_grads")
   gram = jnp.zeros((n, n), jnp.float32)

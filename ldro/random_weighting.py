@@ -88,7 +88,8 @@ def random_gradient_weighting(num_tasks: int, distribution: str = "normal") -> o
   parameters' task gradients and updates task-specific ones with their own
   gradient, unweighted:
   ``ldro.on_shared_params(random_gradient_weighting(N), 'encoder',
-  specific='equal')`` (or ``get_method('rgw', ..., shared_params='encoder',
+  specific='equal')`` (the heads' gradients on the library's mean-loss
+  scale, ``g_i / N``; or ``get_method('rgw', ..., shared_params='encoder',
   specific_params='equal')``). On models whose parameters are all shared by
   all tasks (ldro's CNN and decoder, one shared output layer) the two are
   RLW's update.

@@ -436,10 +436,14 @@ def filtered_gram(task_grads: PyTree, keep: Optional[Callable[[str], bool]], met
   leaves = [g for path, g in jax.tree_util.tree_leaves_with_path(task_grads)
             if keep(jax.tree_util.keystr(path))]
   if not leaves:
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(task_grads)]
-    raise ValueError(f"{method}: the parameter filter selects no parameter; paths are: "
-                     f"{', '.join(paths[:20])}{' ...' if len(paths) > 20 else ''}.")
+    _no_parameter_selected(task_grads, method)
   return lookahead.task_gram(leaves)
+
+
+def _no_parameter_selected(tree: PyTree, method: str):
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  raise ValueError(f"{method}: the parameter filter selects no parameter; paths are: "
+                   f"{', '.join(paths[:20])}{' ...' if len(paths) > 20 else ''}.")
 
 
 def task_dots(task_grads: Optional[PyTree], task_vjp: Optional[Callable[[Array], Any]],
@@ -653,6 +657,8 @@ def task_weighting(rule: Rule, num_tasks: int) -> TaskWeighting:
       rest = weighted_sum(grads, eq) if grads is not None else pull_back(task_vjp, eq)
       paths = [rule.gram_filter(jax.tree_util.keystr(p_))
                for p_, _ in jax.tree_util.tree_leaves_with_path(out)]
+      if not any(paths):  # (a method with a Gram matrix has already said so in filtered_gram)
+        _no_parameter_selected(out, name)
       leaves = [a if keep else b for keep, a, b in
                 zip(paths, jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(rest))]
       return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out), leaves)
@@ -731,9 +737,12 @@ def on_shared_params(tx: TaskWeighting, shared: Any,
   own task's gradient, as from the backward pass of ``sum_i c_i l_i`` in the
   Nash-MTL code and Sener and Koltun's MGDA (and LibMTL's Nash-MTL); or
   ``'equal'`` the equal-weights update ``sum_i g_i / N``, their task's
-  gradient unweighted on the library's mean-loss scale, as LibMTL's MGDA,
-  CAGrad and PCGrad and the CAGrad authors' code leave them (in lean mode one
-  more pull-back, i.e. a second backward pass, on steps without a refresh).
+  gradient unweighted on the library's mean-loss scale (the references sum
+  the losses, so their heads get ``g_i``: under SGD the heads' step here is
+  ``1/N`` of theirs), as LibMTL's MGDA, CAGrad and PCGrad and the CAGrad
+  authors' code leave them (in lean mode one more pull-back, i.e. a second
+  backward pass, on steps without a refresh, and on every step for a method
+  without a Gram matrix).
 
   It needs the per-task gradients on a refresh step: Jacobian mode, or lean
   mode with ``task_grads_fn`` (``ldro.train.make_train_step(...,
@@ -742,7 +751,7 @@ def on_shared_params(tx: TaskWeighting, shared: Any,
 
   A method without a Gram matrix takes only ``specific='equal'``: its
   coefficients weight the shared parameters' gradients and the heads get
-  their unweighted gradient. This is the random-weighting paper's RGW
+  their unweighted gradient (``/ N``, as above). This is the random-weighting paper's RGW
   (Algorithm 2: random weights on the shared parameters' task gradients):
   ``on_shared_params(ldro.get_method('rgw', num_tasks=N), 'encoder',
   specific='equal')``.
@@ -874,6 +883,9 @@ def combine(loss_weighting_tx: TaskWeighting, gradient_tx: TaskWeighting) -> Tas
   if lw.needs_gram or lw.aggregate is not None:
     raise ValueError(f"combine: the first part must be a loss weighting (no Gram matrix, "
                      f"coefficients only); {lw.name} is not.")
+  if lw.gram_filter is not None:
+    raise ValueError(f"combine: the loss weighting {lw.name} has shared parameters set "
+                     "(on_shared_params); set them on the gradient method, the second part.")
   n_lw, n_gm = loss_weighting_tx.num_tasks, gradient_tx.num_tasks
   if is_static(n_lw) and is_static(n_gm) and int(n_lw) != int(n_gm):
     raise ValueError(f"combine: the parts have different numbers of tasks ({n_lw} and {n_gm}).")

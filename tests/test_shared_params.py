@@ -219,3 +219,29 @@ def test_rgw_on_shared_params_is_the_papers_algorithm_2():
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6)
   assert not np.allclose(a["heads"]["head_0"], out["heads"]["head_0"])
+
+
+def test_rgw_filter_that_selects_nothing_and_combine_refuse():
+  _, _, grads, _ = _model_grads()
+  tx = ldro.get_method("rgw", num_tasks=N, shared_params="encodr", specific_params="equal")
+  with pytest.raises(ValueError, match="selects no parameter; paths are.*trunk"):
+    tx.update(grads, tx.init(None), None, key=jax.random.key(0))
+  rlw = ldro.get_method("rlw", num_tasks=N, shared_params="trunk", specific_params="equal")
+  with pytest.raises(ValueError, match="has shared parameters set"):
+    ldro.combine(rlw, ldro.get_method("mgda", num_tasks=N))
+
+
+def test_runner_lean_mode_with_a_method_without_gram(tmp_path):
+  """RLW with shared parameters and specific='equal' needs no per-task gradients: lean mode
+  runs with any Gram strategy (only a filtered Gram matrix needs the grouped one)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
+  from experiments.runner import loop  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  train_lib.parse_gin(["gin_configs/synthetic/base.gin", "gin_configs/methods/rlw.gin"],
+                      ["train_and_evaluate.num_steps = 2", "train_and_evaluate.eval_every = 2",
+                       "method.hparams = {'shared_params': 'r', 'specific_params': 'equal'}",
+                       "train_and_evaluate.mode = 'lean'",
+                       "train_and_evaluate.gram_strategy = 'chunked'"])
+  recs = loop.train_and_evaluate(str(tmp_path / "rlw"), quiet=True)
+  assert recs[-1]["step"] == 2 and np.all(np.isfinite(recs[-1]["task_loss"]))

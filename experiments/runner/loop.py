@@ -113,7 +113,8 @@ def build_transform(exp: experiment_lib.Experiment, mode: Optional[str], gram_st
   tx = optax.chain(weighting, *configurables.optimizer())
   needs_val = needs_validation(weighting, exp)
   reuse = exp.reuse_refresh_grads
-  if mode == "lean" and getattr(getattr(weighting, "rule", None), "gram_filter", None):
+  rule = getattr(weighting, "rule", None)
+  if mode == "lean" and getattr(rule, "gram_filter", None) and rule.needs_gram:
     # A Gram matrix on selected parameters (shared_params, GradNorm's layer) is taken from a
     # refresh step's per-task gradients: lean mode's grouped strategy with their reuse.
     if gram_strategy != "grouped" or reuse is False:

@@ -11,6 +11,7 @@ W=${ROOT:-workdirs/multilingual_seeds}
 R=results/multilingual/seeds
 python -m experiments.sync_runs --src=$W/runs --dst=$R/runs
 for lang_dir in $W/mono/*/; do
+  [ -d "$lang_dir" ] || continue
   lang=$(basename "$lang_dir")
   mkdir -p $R/mono/$lang
   for f in metrics.jsonl config.gin run_config.json wall_clock.json; do
