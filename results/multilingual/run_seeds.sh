@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Table 1 with 3 seeds (issue 15 part 3): the CPU set-up of run.sh with 2 rows per language per
 # step and 1,800 steps (gin_configs/multilingual/cpu_seeds.gin): 8 monolingual baselines, then
-# 5 runs x 3 seeds, ~3 h of 2 CPU cores in all. Run from anywhere:
+# 6 runs x 3 seeds (Table 1's main rows and equal weights on the stratified batches), ~2 h 15 min
+# of 2 CPU cores in all (measured 2026-12-02, two lanes). Run from anywhere:
 #
 #   bash results/multilingual/run_seeds.sh start         # one lane in the background, niced
 #   bash results/multilingual/run_seeds.sh start k k2    # lanes side by side: they share the
