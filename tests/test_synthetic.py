@@ -12,7 +12,7 @@ R2 = 1.25 ** 2
 def summary(tmp_path_factory):
   out = tmp_path_factory.mktemp("synthetic")
   names = ["avg", "dro", "dro_max", "ldro_exact", "ldro", "ldro_exact_noisy", "ldro_noisy"]
-  histories = synthetic.run_all(str(out), num_steps=600, noise=0.1, seed=0, names=names)
+  histories = synthetic.run_all(str(out), num_steps=400, noise=0.1, seed=0, names=names)
   gin.clear_config()  # module-scoped: runs outside the per-test gin fixture
   return synthetic.summarize(histories)
 
