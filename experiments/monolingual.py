@@ -32,7 +32,6 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   from experiments.runner import cpu_runtime as _cpu_runtime  # pylint: disable=g-import-not-at-top
   _cpu_runtime.configure_process("experiments.monolingual")
 
-import json
 import os
 import shutil
 import sys
@@ -74,11 +73,9 @@ def summarize_language(workdir: str) -> Optional[dict]:
   entry = {"step": int(rec["step"]),
            "validation_loss": float(rec["task_loss"][0]),
            "validation_perplexity": float(np.exp(rec["task_loss"][0]))}
-  try:  # the training's wall-clock, summed over attempts (workdir_lib.add_wall_clock)
-    with open(os.path.join(workdir, "wall_clock.json"), encoding="utf-8") as f:
-      entry["wall_s"] = float(json.load(f)["wall_s"])
-  except (OSError, ValueError, KeyError):
-    pass
+  wall = workdir_lib.read_wall_clock(workdir)  # the training's, summed over attempts
+  if wall and "wall_s" in wall:
+    entry["wall_s"] = float(wall["wall_s"])
   if rec.get("test_task_loss"):
     entry["test_loss"] = float(rec["test_task_loss"][0])
     entry["test_perplexity"] = float(np.exp(rec["test_task_loss"][0]))

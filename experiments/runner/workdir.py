@@ -43,15 +43,20 @@ def lock(workdir: str) -> str:
   return path
 
 
+def read_wall_clock(workdir: str) -> Optional[dict]:
+  """``<workdir>/wall_clock.json`` (:func:`add_wall_clock`), or None if absent or unreadable."""
+  try:
+    with open(os.path.join(workdir, "wall_clock.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def add_wall_clock(workdir: str, seconds: float, finished: bool) -> None:
   """Adds one attempt's wall-clock to ``<workdir>/wall_clock.json`` (summed over resumes)."""
   path = os.path.join(workdir, "wall_clock.json")
   info = {"wall_s": 0.0, "attempts": 0}
-  try:
-    with open(path, encoding="utf-8") as f:
-      info.update(json.load(f))
-  except (OSError, ValueError):
-    pass
+  info.update(read_wall_clock(workdir) or {})
   info["wall_s"] = round(float(info["wall_s"]) + seconds, 1)
   info["attempts"] = int(info["attempts"]) + 1
   info["finished"] = bool(finished)
