@@ -439,7 +439,8 @@ def _lock_holder(workdir: str) -> Optional[int]:
   return None
 
 
-def sweep_scenario(runner: Runner, kills: int = 2, orphan: bool = False) -> Optional[Result]:
+def sweep_scenario(runner: Runner, kills: int = 2, orphan: bool = False,
+                   only: Optional[str] = None) -> Optional[Result]:
   """Interrupted sweep: SIGKILL ``experiments.sweep`` at random points, re-run
   the same command until it finishes, compare every run with an uninterrupted
   sweep, and check that finished runs were not redone.
@@ -452,6 +453,9 @@ def sweep_scenario(runner: Runner, kills: int = 2, orphan: bool = False) -> Opti
       restarted run must not write the workdir the orphan still uses (the
       runner's workdir lock), and a later restart finishes the sweep.
       Otherwise the whole process group is killed (as a preemption does).
+    only: the sweep's ``--only`` (a regular expression over its run names; at
+      least two runs keep "finished runs are not redone" testable). ``None``:
+      all three runs (the orphan scenario trains ``avg`` alone).
 
   Returns:
     The result, or None when ``experiments/sweep.py`` does not exist.
@@ -461,10 +465,11 @@ def sweep_scenario(runner: Runner, kills: int = 2, orphan: bool = False) -> Opti
   t0 = time.time()
   # The orphan scenario trains one longer run, so that the orphan is still
   # running when the sweep restarts.
-  steps, only = (200, "^avg$") if orphan else (40, None)
+  steps, only = (200, "^avg$") if orphan else (40, only)
   cmd = lambda root: _sweep_cmd(root, steps, only)
-  ref = os.path.join(runner.root, f"sweep_ref_{steps}")
-  test = os.path.join(runner.root, "sweep_orphan" if orphan else "sweep_test")
+  tag = re.sub(r"\W+", "", only) if only else "all"
+  ref = os.path.join(runner.root, f"sweep_ref_{steps}_{tag}")
+  test = os.path.join(runner.root, "sweep_orphan" if orphan else f"sweep_test_{tag}")
   log = test + ".log"
   res = Result("interrupted sweep (" + ("kill only the sweep driver; orphaned training lives on"
                                         if orphan else "kill sweep + its training process") + ")",

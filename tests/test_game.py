@@ -8,7 +8,9 @@ from scipy.optimize import linprog
 
 import ldro
 
+# Jitted once per shape: called op by op, the solver's loops compile afresh on every call.
 SOLVE = jax.jit(ldro.maxent_nash_with_info)
+NASH = jax.jit(ldro.maxent_nash)
 
 
 def lp_game_value(L):
@@ -35,7 +37,7 @@ def random_game(rng, n, kind):
   return np.asarray(ldro.lookahead_matrix(jnp.asarray(losses), jnp.asarray(g @ g.T), 0.1))
 
 
-@pytest.mark.parametrize("n", [2, 3, 7, 20, 50, 100])
+@pytest.mark.parametrize("n", [2, 3, 20, 100])  # one compile per size
 @pytest.mark.parametrize("kind", ["normal", "lookahead"])
 def test_maxent_nash_matches_lp_value(n, kind):
   rng = np.random.default_rng(n)
@@ -57,7 +59,7 @@ def test_maxent_nash_matches_lp_value(n, kind):
 
 def test_maxent_nash_value_is_bitwise_stable_under_jit_and_no_nan():
   L = jnp.zeros((5, 5))
-  w, v = ldro.maxent_nash(L)
+  w, v = NASH(L)
   np.testing.assert_allclose(w, np.full(5, 0.2), atol=1e-6)  # all w optimal -> uniform
   assert np.all(np.isfinite(v))
 
@@ -66,7 +68,7 @@ def test_redundant_tasks_give_uniform_weights():
   # G all ones (perfectly aligned gradients): the payoff does not depend on w.
   l = jnp.array([1.0, 2.0, 0.5, 1.5])
   L = ldro.lookahead_matrix(l, jnp.ones((4, 4)), 0.1)
-  w, _ = ldro.maxent_nash(L)
+  w, _ = NASH(L)
   np.testing.assert_allclose(w, np.full(4, 0.25), atol=1e-4)
 
 
@@ -89,7 +91,7 @@ def test_converged_worst_task_gives_uniform_weights():
   l = jnp.array([5.0, 1.0, 2.0, 1.5])
   L = ldro.lookahead_matrix(l, jnp.asarray(g @ g.T), 0.01)
   assert np.all(np.isfinite(np.asarray(L)))
-  w, _ = ldro.maxent_nash(L)
+  w, _ = NASH(L)
   np.testing.assert_allclose(w, np.full(4, 0.25), atol=1e-4)
 
 
@@ -175,8 +177,8 @@ def test_update_weights_permutation_equivariant():
   out = ldro.update_weights(L, w, 0.3)
   out_p = ldro.update_weights(L[p][:, p], w[p], 0.3)
   np.testing.assert_allclose(out[p], out_p, rtol=1e-5)
-  wn, _ = ldro.maxent_nash(L)
-  wn_p, _ = ldro.maxent_nash(L[p][:, p])
+  wn, _ = NASH(L)
+  wn_p, _ = NASH(L[p][:, p])
   np.testing.assert_allclose(wn[p], wn_p, atol=1e-4)
 
 

@@ -136,19 +136,19 @@ def test_cifar10_pairs_experiment_on_a_tiny_image_folder(tmp_path, monkeypatch):
   batch = exp.train_batch(0)
   assert batch["image"].shape == (2, 2, 32, 32, 3) and batch["label"].shape == (2, 2)
   task0 = jax.tree_util.tree_map(lambda x: x[0], batch)
-  loss, aux = exp.task_loss(params, task0, jax.random.PRNGKey(1))
+  # Jitted: op-by-op (eager) execution compiles every primitive of the CNN on its own.
+  loss, aux = jax.jit(exp.task_loss)(params, task0, jax.random.PRNGKey(1))
   assert np.isfinite(loss) and 0 <= float(aux["accuracy"]) <= 1
   # Lean mode's one-call losses equal vmap of task_loss (values and aux), and so do their
   # gradients of any weighted sum.
-  losses, aux = exp.grouped_losses(params, batch, jax.random.PRNGKey(1))
-  ref, ref_aux = jax.vmap(exp.task_loss, in_axes=(None, 0, None))(params, batch,
-                                                                   jax.random.PRNGKey(1))
+  vmapped = jax.vmap(exp.task_loss, in_axes=(None, 0, None))
+  losses, aux = jax.jit(exp.grouped_losses)(params, batch, jax.random.PRNGKey(1))
+  ref, ref_aux = jax.jit(vmapped)(params, batch, jax.random.PRNGKey(1))
   np.testing.assert_allclose(losses, ref, rtol=1e-5)
   np.testing.assert_allclose(aux["accuracy"], ref_aux["accuracy"])
   w = np.array([0.3, 0.7])
-  g = jax.grad(lambda p: exp.grouped_losses(p, batch, None)[0] @ w)(params)
-  g_ref = jax.grad(lambda p: jax.vmap(exp.task_loss, in_axes=(None, 0, None))(
-      p, batch, None)[0] @ w)(params)
+  g = jax.jit(jax.grad(lambda p: exp.grouped_losses(p, batch, None)[0] @ w))(params)
+  g_ref = jax.jit(jax.grad(lambda p: vmapped(p, batch, None)[0] @ w))(params)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Evaluation over every test example (12, in batches of 5) matches a direct computation.

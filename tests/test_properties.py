@@ -133,10 +133,12 @@ def test_maxent_nash_on_simplex(p, source):
 
 
 @SETTINGS
-@hypothesis.given(problem(), st.booleans(), st.sampled_from((1, 2)))
-def test_ldro_weights_updates(p, exact, update_every):
+@hypothesis.given(problem(), st.booleans())
+def test_ldro_weights_updates(p, exact):
   n, losses, grads, _ = p
-  tx, update = _ldro_tx(n, exact, update_every)
+  # Refresh every second step: steps 0 and 2 refresh the interaction matrix, step 1 reuses
+  # it (both branches of the update, one compile per shape).
+  tx, update = _ldro_tx(n, exact, 2)
   params = {"a": jnp.zeros((3,))}
   state = tx.init(params)
   task_grads = {"a": jnp.asarray(grads)}
