@@ -141,14 +141,15 @@ def test_same_conv_matches_flax_conv_values_and_gradients_everywhere(cin, kernel
   # gradients (vmap), jacrev, and gradients inside lax.cond / fori_loop.
   x = jax.random.normal(jax.random.key(0), (4, 8, 6, cin))
   ref, new = nn.Conv(7, kernel_size, padding="SAME"), cnn.SameConv(7, kernel_size)
-  p_ref, p_new = ref.init(jax.random.key(1), x), new.init(jax.random.key(1), x)
+  # Jitted: op-by-op (eager) execution compiles every primitive on its own.
+  p_ref, p_new = jax.jit(ref.init)(jax.random.key(1), x), jax.jit(new.init)(jax.random.key(1), x)
   for a, b in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_new)):
     np.testing.assert_array_equal(a, b)
   p = jax.tree.map(lambda t: t + 0.1, p_ref)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
   close = lambda a, b: jax.tree.map(
       lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
-  close(ref.apply(p, x), new.apply(p, x))
+  close(jax.jit(ref.apply)(p, x), jax.jit(new.apply)(p, x))
   for m_grad in (lambda m: jax.grad(loss(m), argnums=(0, 1))(p, x),
                  lambda m: jax.vmap(jax.grad(loss(m)), in_axes=(None, 0))(p, x.reshape(2, 2, 8, 6, cin)),
                  lambda m: jax.jacrev(lambda p: jnp.sin(m.apply(p, x)).sum((1, 2, 3)))(p),
@@ -179,12 +180,14 @@ def test_conv_impls_share_parameters_values_and_gradients():
   kw = dict(num_classes=6, features=8, num_conv=2, mlp_width=16, mlp_layers=1)
   xla, custom = cnn.ConvNet(conv_impl="xla", **kw), cnn.ConvNet(conv_impl="custom_vjp", **kw)
   x = jax.random.normal(jax.random.key(0), (4, 3, 8, 8, 3))
-  p_xla, p_custom = xla.init(jax.random.key(1), x[0]), custom.init(jax.random.key(1), x[0])
+  # Jitted: op-by-op (eager) execution compiles every primitive on its own.
+  p_xla = jax.jit(xla.init)(jax.random.key(1), x[0])
+  p_custom = jax.jit(custom.init)(jax.random.key(1), x[0])
   assert jax.tree.structure(p_xla) == jax.tree.structure(p_custom)
   jax.tree.map(np.testing.assert_array_equal, p_xla, p_custom)
   loss = lambda m: lambda p, xi: jnp.sum(jax.nn.log_softmax(m.apply(p, xi))[:, 0])
   close = lambda a, b: jax.tree.map(
       lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5), a, b)
-  close(xla.apply(p_xla, x[0]), custom.apply(p_xla, x[0]))
+  close(jax.jit(xla.apply)(p_xla, x[0]), jax.jit(custom.apply)(p_xla, x[0]))
   per_task = lambda m: jax.jit(jax.vmap(jax.grad(loss(m)), in_axes=(None, 0)))(p_xla, x)
   close(per_task(xla), per_task(custom))

@@ -48,13 +48,21 @@ def test_rlw_then_ldro_in_lean_mode_matches_jacobian_mode():
   theta = {"w": jnp.array([0.3, -0.7])}
   tx = ldro.combine(ldro.random_loss_weighting(3), ldro.ldro_weights(3, 0.1, 0.5, update_every=2))
   s_jac, s_lean = tx.init(theta), tx.init(theta)
-  for t in range(3):
-    key = jax.random.key(t)
+
+  # Jitted, compiled once for the three steps: op-by-op (eager) execution compiles every
+  # primitive of the updates on its own.
+  @jax.jit
+  def step(theta, s_jac, s_lean, key):
     J = jax.jacrev(losses_fn)(theta)
     u_jac, s_jac = tx.update(J, s_jac, theta, task_losses=losses_fn(theta), key=key)
     losses, vjp = jax.vjp(losses_fn, theta)
     u_lean, s_lean = tx.update(None, s_lean, theta, task_losses=losses, key=key, task_vjp=vjp,
                                gram_fn=lambda J=J: ldro.task_gram(J))
+    return u_jac, s_jac, u_lean, s_lean
+
+  for t in range(3):
+    key = jax.random.key(t)
+    u_jac, s_jac, u_lean, s_lean = step(theta, s_jac, s_lean, key)
     np.testing.assert_allclose(u_lean["w"], u_jac["w"], rtol=1e-5, atol=1e-7)
     theta = optax.apply_updates(theta, jax.tree.map(lambda u: -0.1 * u, u_jac))
   w = ldro.task_weights(s_jac)
@@ -88,7 +96,10 @@ def test_equal_loss_weights_leave_the_gradient_method_alone():
   g = {"w": jnp.asarray(G, jnp.float32)}
   for gm in (lambda: ldro.cagrad(3), lambda: ldro.mgda(3)):
     alone, combined = gm(), ldro.combine(ldro.equal_weighting(3), gm())
-    u1, s1 = alone.update(g, alone.init(None), None, task_losses=LOSSES)
-    u2, s2 = combined.update(g, combined.init(None), None, task_losses=LOSSES)
+    # Jitted: op-by-op (eager) execution compiles every primitive of the update on its own.
+    u1, s1 = jax.jit(lambda g, l: alone.update(g, alone.init(None), None, task_losses=l))(
+        g, LOSSES)
+    u2, s2 = jax.jit(lambda g, l: combined.update(g, combined.init(None), None,
+                                                  task_losses=l))(g, LOSSES)
     np.testing.assert_allclose(u2["w"], u1["w"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ldro.task_weights(s2), ldro.task_weights(s1), rtol=1e-5)

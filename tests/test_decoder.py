@@ -126,7 +126,9 @@ def test_token_cross_entropy_hand_example():
   logits[0, 1, 0] = 10.0
   targets = np.array([[2, 0, 1]])
   weights = np.array([[1.0, 1.0, 0.0]], np.float32)
-  s, w = dec.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+  # Jitted: op-by-op (eager) execution compiles every primitive on its own.
+  token_cross_entropy = jax.jit(dec.token_cross_entropy)
+  s, w = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
                                  jnp.asarray(weights))
   np.testing.assert_allclose(float(s), np.log(4) + np.log1p(3 * np.exp(-10)), rtol=1e-5)
   assert float(w) == 2.0
@@ -135,7 +137,7 @@ def test_token_cross_entropy_hand_example():
   logits = rng.randn(2, 5, 7).astype(np.float32)
   targets = rng.randint(0, 7, (2, 5))
   weights = (rng.rand(2, 5) > 0.3).astype(np.float32)
-  s, w = dec.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
+  s, w = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
                                  jnp.asarray(weights))
   np.testing.assert_allclose(float(s), (_np_ce(logits, targets) * weights).sum(), rtol=1e-5)
   np.testing.assert_allclose(float(w), weights.sum())
@@ -149,13 +151,15 @@ def test_per_task_token_loss_grouped_and_mixture():
   weights = (rng.rand(n, b, length) > 0.25).astype(np.float32)
   ce = _np_ce(logits, targets) * weights
   expected = ce.sum((1, 2)) / weights.sum((1, 2))
-  losses, counts = dec.per_task_token_loss(jnp.asarray(logits), jnp.asarray(targets),
+  # Jitted: op-by-op (eager) execution compiles every primitive on its own.
+  per_task_token_loss = jax.jit(dec.per_task_token_loss, static_argnames=("num_tasks",))
+  losses, counts = per_task_token_loss(jnp.asarray(logits), jnp.asarray(targets),
                                            jnp.asarray(weights))
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
   np.testing.assert_allclose(counts, weights.sum((1, 2)))
   # Same rows as a mixture batch with task ids; task 3 absent -> count 0.
   task = np.repeat(np.arange(n), b)
-  losses_m, counts_m = dec.per_task_token_loss(
+  losses_m, counts_m = per_task_token_loss(
       jnp.asarray(logits.reshape(n * b, length, v)),
       jnp.asarray(targets.reshape(n * b, length)),
       jnp.asarray(weights.reshape(n * b, length)),

@@ -95,10 +95,11 @@ def test_experiment_batches_and_losses(corpus, rows_cache):
   np.testing.assert_allclose(exp.sampling_rates, [1 / 3] * 3)
   b = exp.train_batch(0)
   assert b["decoder_target_tokens"].shape == (4, L) and b["task"].shape == (4,)
-  params = exp.init_params(jax.random.PRNGKey(0))
+  # Jitted: op-by-op (eager) execution compiles every primitive of the decoder on its own.
+  params = jax.jit(exp.init_params)(jax.random.PRNGKey(0))
   # A language absent from the batch gets a finite 0 loss.
   b["task"] = np.zeros_like(b["task"])
-  loss, aux = exp.plain_loss(params, b, jax.random.PRNGKey(1))
+  loss, aux = jax.jit(exp.plain_loss)(params, b, jax.random.PRNGKey(1))
   assert np.isfinite(loss) and aux["task_losses"][1] == 0 and aux["task_losses"][2] == 0
   np.testing.assert_allclose(aux["task_losses"][0], loss, rtol=1e-5)
   strat = lm_experiment.LanguageModelingExperiment(

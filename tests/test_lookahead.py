@@ -21,7 +21,8 @@ def setup_problem(n_tasks=5, b=4):
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.normal(size=(n_tasks, b, 6)), jnp.float32),
            "y": jnp.asarray(rng.integers(0, 3, size=(n_tasks, b)))}
-  params = model.init(jax.random.key(0), batch["x"][0])["params"]
+  # Jitted (here and below): op-by-op (eager) execution compiles every primitive on its own.
+  params = jax.jit(model.init)(jax.random.key(0), batch["x"][0])["params"]
 
   def task_loss(p, tb):
     logits = model.apply({"params": p}, tb["x"])
@@ -35,7 +36,8 @@ def setup_problem(n_tasks=5, b=4):
 
 def test_all_gram_strategies_agree():
   params, batch, task_loss, losses_fn = setup_problem()
-  ref = np.asarray(ldro.compute_gram("jacrev", losses_fn, params, batch))
+  ref = np.asarray(jax.jit(lambda p, b: ldro.compute_gram("jacrev", losses_fn, p, b))(params,
+                                                                                        batch))
   assert ref.shape == (5, 5)
   np.testing.assert_allclose(ref, ref.T, rtol=1e-6)
   for strategy, kw in [("grouped", {}), ("pairwise", {}), ("chunked", {"chunk_size": 2}),
@@ -46,10 +48,13 @@ def test_all_gram_strategies_agree():
 
 def test_gram_matches_explicit_dot_products():
   params, batch, task_loss, _ = setup_problem(3)
-  grads = [jax.grad(task_loss)(params, jax.tree.map(lambda x: x[i], batch)) for i in range(3)]
-  flat = [jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in grads]
+  grad = jax.jit(jax.grad(task_loss))  # one compilation for the three tasks
+  grads = [grad(params, jax.tree.map(lambda x: x[i], batch)) for i in range(3)]
+  flat = [np.concatenate([np.ravel(g) for g in jax.tree.leaves(t)]) for t in grads]
   expected = np.array([[float(a @ b) for b in flat] for a in flat])
-  np.testing.assert_allclose(ldro.grouped_gram(task_loss, params, batch), expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(lambda p, b: ldro.grouped_gram(task_loss, p, b))(params, batch), expected,
+      rtol=1e-5)
 
 
 def test_lookahead_matrix_formula_and_zero_gradient():

@@ -75,14 +75,21 @@ def test_lean_mode_equals_jacobian_mode():
   theta, losses_fn = quadratic_problem()
   txs = [ldro.ldro_weights(N, 0.05, 0.3, update_every=2) for _ in range(2)]
   states = [t.init(theta) for t in txs]
-  for _ in range(5):
+
+  # Jitted: op-by-op (eager) execution compiles every primitive of the updates on its own.
+  @jax.jit
+  def step(theta, states):
     losses = losses_fn(theta)
-    u_jac, states[0] = txs[0].update(jax.jacrev(losses_fn)(theta), states[0], theta,
-                                     task_losses=losses)
+    u_jac, s_jac = txs[0].update(jax.jacrev(losses_fn)(theta), states[0], theta,
+                                 task_losses=losses)
     losses2, vjp = jax.vjp(losses_fn, theta)
     gram_fn = lambda: ldro.task_gram(jax.jacrev(losses_fn)(theta))
-    u_lean, states[1] = txs[1].update(None, states[1], theta, task_losses=losses2, task_vjp=vjp,
-                                      gram_fn=gram_fn)
+    u_lean, s_lean = txs[1].update(None, states[1], theta, task_losses=losses2, task_vjp=vjp,
+                                   gram_fn=gram_fn)
+    return u_jac, u_lean, [s_jac, s_lean]
+
+  for _ in range(5):
+    u_jac, u_lean, states = step(theta, states)
     np.testing.assert_allclose(u_jac["w"], u_lean["w"], rtol=1e-5, atol=1e-7)
     theta = jax.tree.map(lambda p, u: p - 0.01 * u, theta, u_jac)
 
@@ -107,6 +114,7 @@ def test_lean_mode_with_gradient_reuse(exact):
                                      task_grads_fn=twice)
     return u_jac, s_jac, u_reuse, s_reuse
 
+  jacobian = jax.jit(jax.jacrev(losses_fn))  # the reference gradients, compiled once
   s_jac, s_reuse = txs[0].init(theta), txs[1].init(theta)
   for i in range(7):
     u_jac, s_jac, u_reuse, s_reuse = steps(theta, s_jac, s_reuse)
@@ -116,24 +124,30 @@ def test_lean_mode_with_gradient_reuse(exact):
                                atol=1e-6)
     if not refresh:
       np.testing.assert_allclose(
-          u_reuse["w"], jnp.tensordot(s_reuse.task_weights, jax.jacrev(losses_fn)(theta)["w"], 1),
+          u_reuse["w"], jnp.tensordot(s_reuse.task_weights, jacobian(theta)["w"], 1),
           rtol=1e-5, atol=1e-6)
     else:
       np.testing.assert_allclose(
           u_reuse["w"], 2.0 * jnp.tensordot(s_reuse.task_weights,
-                                            jax.jacrev(losses_fn)(theta)["w"], 1),
+                                            jacobian(theta)["w"], 1),
           rtol=1e-5, atol=1e-6)
     theta = jax.tree.map(lambda p, u: p - 0.01 * u, theta, u_jac)
   # With the true gradients, the updates and weights equal Jacobian mode's.
-  theta = quadratic_problem()[0]
-  s_jac, s_reuse = txs[0].init(theta), txs[1].init(theta)
-  for _ in range(5):
+  # Jitted: op-by-op (eager) execution compiles every primitive of the updates on its own.
+  @jax.jit
+  def true_steps(theta, s_jac, s_reuse):
     losses, vjp = jax.vjp(losses_fn, theta)
     grads = jax.jacrev(losses_fn)(theta)
     u_jac, s_jac = txs[0].update(grads, s_jac, theta, task_losses=losses)
     u_reuse, s_reuse = txs[1].update(None, s_reuse, theta, task_losses=losses, task_vjp=vjp,
                                      task_grads_fn=lambda: grads)
-    # (maxent_nash, compiled in another context, meets float32 round-off in L
+    return u_jac, s_jac, u_reuse, s_reuse
+
+  theta = quadratic_problem()[0]
+  s_jac, s_reuse = txs[0].init(theta), txs[1].init(theta)
+  for _ in range(5):
+    u_jac, s_jac, u_reuse, s_reuse = true_steps(theta, s_jac, s_reuse)
+    # (maxent_nash, compiled in another context (e.g. eager), meets float32 round-off in L
     # with weights that agree to ~1e-5 absolute on this near-degenerate game)
     tol, w_atol = (1e-3, 1e-4) if exact else (1e-5, 1e-6)
     np.testing.assert_allclose(u_reuse["w"], u_jac["w"], rtol=tol, atol=1e-7)
@@ -216,16 +230,18 @@ def test_exact_variant_gives_an_absent_task_no_weight():
   tx = ldro.ldro_weights(3, 1.0, update_every=2, exact=True)
   state = tx.init({"a": jnp.zeros(3)})
   losses = jnp.array([1.0, 1.0, 1.0])
-  _, state = tx.update({"a": g}, state, None, task_losses=losses)  # refresh: all present
+  # Jitted: op-by-op (eager) execution compiles every primitive of the update on its own.
+  update = jax.jit(lambda g, s, l, m: tx.update(g, s, None, task_losses=l, task_mask=m))
+  _, state = update({"a": g}, state, losses, None)  # refresh: all present
   present = jnp.array([True, True, False])
-  out, state = tx.update({"a": g.at[2].set(0.0)}, state, None, task_losses=losses,
-                         task_mask=present)  # no refresh: task 2's column is stale
+  out, state = update({"a": g.at[2].set(0.0)}, state, losses,
+                      present)  # no refresh: task 2's column is stale
   w = np.asarray(state.task_weights)
   assert w[2] == 0.0 and w.sum() == pytest.approx(1.0) and w[0] == pytest.approx(w[1], abs=1e-4)
   np.testing.assert_allclose(out["a"], w[0] * g[0] + w[1] * g[1], rtol=1e-5)
   # The present tasks' game alone gives the same weights.
   L = ldro.lookahead_matrix(losses[:2], ldro.task_gram(g[:2]), 1.0)
-  np.testing.assert_allclose(w[:2], ldro.maxent_nash(L)[0], atol=1e-5)
+  np.testing.assert_allclose(w[:2], jax.jit(ldro.maxent_nash)(L)[0], atol=1e-5)
 
 
 def test_ldro_nonfinite_loss_keeps_weights():

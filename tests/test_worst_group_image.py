@@ -98,22 +98,29 @@ def test_model_and_losses_on_a_tiny_batch():
   exp = wgi.WorstGroupImageExperiment(
       data=_tiny(), batch_size=8, alpha_aux=0.5, alpha_reg=0.3, head_weight_decay=0.01,
       model_kwargs={"features": 4, "num_conv": 2, "mlp_width": 8})
-  params = exp.init_params(jax.random.PRNGKey(0))
+  # Jitted (here and below): op-by-op (eager) execution compiles every primitive on its own.
+  params = jax.jit(exp.init_params)(jax.random.PRNGKey(0))
   assert params["params"]["aux_head"]["kernel"].shape == (8, 8 * 8 * 3)
   batch = exp.train_batch(0)
   assert batch["image"].shape == (8, 16, 16, 3) and batch["group"].shape == (8,)
   np.testing.assert_array_equal(exp.train_batch(3)["label"], exp.train_batch(3)["label"])
-  loss, aux = exp.plain_loss(params, batch, jax.random.PRNGKey(1))
+  loss, aux = jax.jit(exp.plain_loss)(params, batch, jax.random.PRNGKey(1))
   # Eq. 9 by hand: CE + a_aux * MSE(recon of the masked image, 2x2-pooled clean image)
   # + a_reg (mean|h_end| + mean|h_aux|) + wd/2 (|W_end|^2 + |W_aux|^2).
   from ldro import worst_group  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   x = batch["image"]
-  logits, h = exp.model.apply(params, x)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-  mask = worst_group.random_patch_mask(jax.random.PRNGKey(1), x.shape, 4, 0.6)
-  pred, h_aux = exp.model.apply(params, worst_group.apply_patch_mask(x, mask),
-                                method=wgi.WorstGroupNet.reconstruct)
+
+  @jax.jit
+  def forward(params, x, labels):
+    logits, h = exp.model.apply(params, x)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    mask = worst_group.random_patch_mask(jax.random.PRNGKey(1), x.shape, 4, 0.6)
+    pred, h_aux = exp.model.apply(params, worst_group.apply_patch_mask(x, mask),
+                                  method=wgi.WorstGroupNet.reconstruct)
+    return ce, h, pred, h_aux
+
+  ce, h, pred, h_aux = forward(params, x, batch["label"])
   target = x.reshape(8, 8, 2, 8, 2, 3).mean(axis=(2, 4)).reshape(8, -1)
   p = params["params"]
   want = (ce + 0.5 * np.mean((pred - target) ** 2) + 0.3 * (np.abs(h).mean() + np.abs(h_aux).mean())
