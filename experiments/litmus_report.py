@@ -17,10 +17,9 @@ metric where higher is better (task accuracy here), computed per seed against
 EW of the same seed (same data order and initialisation), then averaged.
 """
 
-import json
 import math
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -28,6 +27,7 @@ import numpy as np
 
 from experiments import regime_report
 from experiments import sweep
+from experiments.runner import workdir as workdir_lib
 import ldro
 from ldro.data import fileio
 
@@ -71,15 +71,6 @@ def delta_p(acc: Sequence[float], acc_ew: Sequence[float]) -> float:
   return float(100.0 * np.mean((a - e) / e))
 
 
-def _wall_per_step(run_dir: str) -> Optional[dict]:
-  path = os.path.join(run_dir, "wall_clock.json")
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    w = json.load(f)
-  return w
-
-
 def build_report(root: str, tail: int = regime_report.TAIL) -> dict:
   """Per-run statistics over seeds, Delta_p against EW, Table 4 and the claims."""
   runs = regime_report.load_runs(root)
@@ -92,7 +83,7 @@ def build_report(root: str, tail: int = regime_report.TAIL) -> dict:
     t = regime_report.tail_metrics(r["records"], tail)
     if t is None or not r["done"]:
       continue
-    w = _wall_per_step(r["dir"])
+    w = workdir_lib.read_wall_clock(r["dir"])  # None: the per-step column is NaN
     if w is not None and r["records"]:
       t["wall_s_per_step"] = w["wall_s"] / max(r["records"][-1]["step"], 1)
       t["load_at_end"] = w.get("load_average_at_end", [math.nan])[0]
