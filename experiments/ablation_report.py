@@ -47,9 +47,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from experiments import litmus_report
 from experiments import regime_report
 from experiments import sweep
+from experiments.runner import workdir as workdir_lib
 from ldro.data import fileio
 
 #: The sweep whose runs this report reads, and the main grid the T = 100 / narrow runs are from.
@@ -158,7 +158,7 @@ def _seed_summaries(runs: Sequence[dict], root_key: str, expected: dict) -> dict
   out = {}
   for r in runs:
     tail = regime_report.tail_metrics(r["records"]) if r["done"] else None
-    wall = litmus_report._wall_per_step(r["dir"])  # pylint: disable=protected-access
+    wall = workdir_lib.read_wall_clock(r["dir"])
     out.setdefault(r["run"], {})[r["seed"]] = {
         "done": r["done"], "dir": r["dir"],
         "last_step": r["records"][-1]["step"] if r["records"] else None,
