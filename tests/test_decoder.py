@@ -129,7 +129,7 @@ def test_token_cross_entropy_hand_example():
   # Jitted: op-by-op (eager) execution compiles every primitive on its own.
   token_cross_entropy = jax.jit(dec.token_cross_entropy)
   s, w = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                 jnp.asarray(weights))
+                             jnp.asarray(weights))
   np.testing.assert_allclose(float(s), np.log(4) + np.log1p(3 * np.exp(-10)), rtol=1e-5)
   assert float(w) == 2.0
   # Against numpy on random data.
@@ -138,7 +138,7 @@ def test_token_cross_entropy_hand_example():
   targets = rng.randint(0, 7, (2, 5))
   weights = (rng.rand(2, 5) > 0.3).astype(np.float32)
   s, w = token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets),
-                                 jnp.asarray(weights))
+                             jnp.asarray(weights))
   np.testing.assert_allclose(float(s), (_np_ce(logits, targets) * weights).sum(), rtol=1e-5)
   np.testing.assert_allclose(float(w), weights.sum())
 
@@ -154,7 +154,7 @@ def test_per_task_token_loss_grouped_and_mixture():
   # Jitted: op-by-op (eager) execution compiles every primitive on its own.
   per_task_token_loss = jax.jit(dec.per_task_token_loss, static_argnames=("num_tasks",))
   losses, counts = per_task_token_loss(jnp.asarray(logits), jnp.asarray(targets),
-                                           jnp.asarray(weights))
+                                       jnp.asarray(weights))
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
   np.testing.assert_allclose(counts, weights.sum((1, 2)))
   # Same rows as a mixture batch with task ids; task 3 absent -> count 0.

@@ -338,12 +338,10 @@ class ImageClassificationExperiment(experiment_lib.Experiment):
   def init_params(self, rng: jax.Array) -> PyTree:
     """Initial CNN variables for 32x32x3 (or the data's) images."""
     dummy = jnp.zeros((1,) + self._image_shape, jnp.float32)
+    kwargs = {"tasks": jnp.zeros((1,), jnp.int32)} if self.rotograd else {}
     # Jitted: op by op, every layer's initialiser compiles on its own (about twice the time
     # on CPU, more with RotoGrad's expm); the values are bitwise those of the eager init.
-    if self.rotograd:
-      return jax.jit(lambda r, x: self.model.init(r, x, tasks=jnp.zeros((1,), jnp.int32)))(
-          rng, dummy)
-    return jax.jit(self.model.init)(rng, dummy)
+    return jax.jit(lambda r, x: self.model.init(r, x, **kwargs))(rng, dummy)
 
   def task_loss(self, params: PyTree, task_batch: PyTree, rng: jax.Array):
     """Mean cross-entropy of one task's examples under the shared softmax.
