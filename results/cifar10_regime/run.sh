@@ -13,6 +13,8 @@
 #                                               # run is claimed by one (experiments/sweep.py, .claim)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
 #   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
+#   bash results/cifar10_regime/run.sh restore  # on a fresh checkout: the committed runs back into
+#                                               # workdirs/, so that 'start' skips them
 #   bash results/cifar10_regime/sync.sh         # copy finished runs into results/ (then commit)
 set -u
 SELF=$(realpath "$0")  # the lanes re-run this script after the cd below
@@ -100,10 +102,17 @@ case "${1:-start}" in
         rm -f $W/lane_$lane.pid
       fi
     done ;;
+  restore)  # a fresh checkout has no workdirs/: copy the committed finished runs back (their
+             # DONE files), so that 'start' skips them instead of training them again
+    for sweep in regime hard_task hard_task_any ablations litmus; do
+      [ -d results/cifar10_regime/runs/$sweep ] || continue
+      mkdir -p $W/$sweep && cp -rn results/cifar10_regime/runs/$sweep/. $W/$sweep/
+    done
+    echo "restored the committed runs into $W" ;;
   status)
     for spec in "cifar10_regime regime" "cifar10_hard_task hard_task" "cifar10_hard_task_any hard_task_any" "cifar10_regime_ablations ablations" "litmus litmus"; do
       set -- $spec
       python -m experiments.sweep --sweep=$1 --root=$W/$2 --seeds=0,1,2 --dry_run | grep '^\['
     done ;;
-  *) echo "usage: $0 start|stop|status"; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|restore"; exit 2 ;;
 esac
