@@ -18,12 +18,15 @@ baselines), and writes to ``--out``:
   - **renormalisation** (Figure 5b, App. A.2): at T = 1000, without vs with renormalisation;
   - **model size** (Figure 8, App. B.3): narrow CNN (the main grid) / the paper's small CNN /
     the large CNN x static mixing, DRO, L-DRO, PCGrad, compared with static mixing of the same
-    size;
+    size; and, for each method, whether that gap shrinks from the narrow CNN to a larger one
+    (:func:`gap_change`; B.3: "the differences vanish");
 
   then every expected run and seed that has not finished (listed, never dropped), each run's
   seeds with its wall-clock (``wall_clock.json``), its interval and renormalisation as its
   ``config.gin`` sets them and whether its ``run.json`` matches the sweep's definition, and the
   commands that made the report.
+* ``model_size.png``: each method's gap to static mixing of the same size vs the model size
+  (Figure 8 as gaps), mean ± SE over seeds with one marker per seed.
 * ``ablations.png``: plateau average and worst-task accuracy vs T (log axis) per setting, and
   renormalisation on / off at T = 1000, mean ± std over seeds with one marker per seed, equal
   weights as a horizontal band (mean ± std).
@@ -221,6 +224,46 @@ def compare(a: dict, b: dict, metric: str) -> dict:
           "diffs": diffs, "mean": mean, "se": se, "verdict": verdict, "text": text}
 
 
+def gap_change(narrow: dict, larger: dict) -> dict:
+  """How much a method's gap to static mixing shrinks from the narrow CNN to a larger one.
+
+  The gaps are :func:`compare` results (per-seed paired differences method - static mixing of
+  the same size). The two sizes' models are independent, so their gaps are compared unpaired:
+  with ``s`` the sign of the narrow gap's mean, the reduction is
+  ``r = s * (mean_narrow - mean_larger)``, positive when the larger model's gap is closer to 0
+  on the narrow gap's side, with standard error ``sqrt(SE_narrow^2 + SE_larger^2)``. Verdict
+  by the 2-SE rule: *smaller* (r > 2 SE), *larger* (r < -2 SE), else *within noise*; fewer
+  than 2 seeds at either size: no verdict.
+
+  Returns:
+    ``{'narrow', 'larger' (the gaps' means), 'reduction', 'se', 'text'}``.
+  """
+  out = {"narrow": narrow["mean"], "larger": larger["mean"], "reduction": math.nan,
+         "se": math.nan}
+  if not (narrow["seeds"] and larger["seeds"]):
+    return dict(out, text="no paired seed")
+  sign = 1.0 if narrow["mean"] >= 0 else -1.0
+  out["reduction"] = sign * (narrow["mean"] - larger["mean"])
+  if len(narrow["seeds"]) < 2 or len(larger["seeds"]) < 2:
+    return dict(out, text="1 seed: no verdict")
+  out["se"] = math.sqrt(narrow["se"] ** 2 + larger["se"] ** 2)
+  if out["reduction"] > 2 * out["se"]:
+    return dict(out, text="smaller")
+  if out["reduction"] < -2 * out["se"]:
+    return dict(out, text="larger")
+  return dict(out, text="within noise")
+
+
+def shrinkage(size_rows: Sequence[dict], sizes: Sequence[str]) -> list[dict]:
+  """Appendix B.3 ("the differences between methods vanish with a larger model") per method
+  and larger size: :func:`gap_change` of the gap to static mixing, average and worst task."""
+  gaps = {(r["size"], r["method"]): r["vs_reference"] for r in size_rows if "vs_reference" in r}
+  return [{"size": z, "method": m,
+           "change": {k: gap_change(gaps[(NARROW, m)][k], gaps[(z, m)][k])
+                      for k in ("avg", "worst")}}
+          for z in sizes if z != NARROW for (zz, m) in gaps if zz == z]
+
+
 def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = SEEDS) -> dict:
   """The three tables, the missing runs and the per-seed details (see the module doc)."""
   lay = layout()
@@ -265,6 +308,7 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
   for z in lay["sizes"]:
     size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
                     {"size": z, "method": m}) for m in lay["size_methods"]])
+  size_change = shrinkage(size, lay["sizes"])
   missing = []
   for key in expected:  # the sweeps' order
     done = {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
@@ -288,7 +332,8 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
           "tail": regime_report.TAIL, "seeds_expected": list(seeds),
           "settings": [list(s) for s in lay["settings"]], "intervals": lay["intervals"],
           "equal_weights": ew, "interval": interval, "renormalisation": renorm,
-          "model_size": size, "missing": missing, "runs": details,
+          "model_size": size, "size_change": size_change, "missing": missing,
+          "runs": details,
           "rule": "paired difference A - B over seeds: higher (paired_verdict 'holds') if mean "
                   "> 2 SE, lower ('does not hold') if mean < -2 SE, else within noise; 1 seed: "
                   "no verdict"}
@@ -309,6 +354,10 @@ def _pm(c: dict, metric: str) -> str:
 
 def _pct(x: Optional[float]) -> str:
   return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _gap(x: float) -> str:
+  return "-" if math.isnan(x) else f"{100 * x + 0.0:+.2f}"
 
 
 def _cmp(r: dict, metric: str) -> str:
@@ -356,6 +405,22 @@ def markdown(report: dict, command: Optional[str] = None) -> str:
             "paper's small CNN (4x wider); `large`: the paper's large CNN.", ""]
   lines += _table(report["model_size"], (("model", "size"), ("method", "method")),
                   "static mixing of the same size")
+  lines += ["", "Does the gap to static mixing shrink with the model (App. B.3: the differences "
+            "vanish)? The gap (method - static mixing, pp, mean over seeds) on the narrow CNN "
+            "and on the larger one; reduction = how much closer to 0 it is on the larger one "
+            "(on the narrow gap's side), ± the unpaired SE: *smaller* if above 2 SE, *larger* "
+            "if below -2 SE, else within noise.", "",
+            "| model | method | avg gap narrow → this | reduction | worst gap narrow → this | "
+            "reduction |", "|---|---|---|---|---|---|"]
+  for r in report["size_change"]:
+    cells = []
+    for k in ("avg", "worst"):
+      c = r["change"][k]
+      se = "" if math.isnan(c["se"]) else f" ± {100 * c['se']:.2f}"
+      red = "-" if math.isnan(c["reduction"]) else f"{100 * c['reduction'] + 0.0:+.2f}{se}: "
+      cells += [f"{_gap(c['narrow'])} → {_gap(c['larger'])}",
+                f"{red if red != '-' else ''}{c['text']}"]
+    lines.append(f"| {r['size']} | {r['method']} | " + " | ".join(cells) + " |")
   lines += ["", "## Missing (expected seeds "
             f"{', '.join(map(str, report['seeds_expected']))} not finished)", ""]
   if report["missing"]:
@@ -478,16 +543,60 @@ def plot(report: dict, path: str) -> None:
   plt.close(fig)
 
 
+def plot_model_size(report: dict, path: str) -> None:
+  """Figure 8 / App. B.3 as gaps: each method minus static mixing of the same size (pp) vs the
+  model size, mean ± SE over seeds with one marker per seed; average and worst task."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in report["model_size"] if "vs_reference" in r]
+  sizes = list(dict.fromkeys(r["size"] for r in report["model_size"]))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+  for ax, (metric, title) in zip(axes, (("avg", "average accuracy"),
+                                        ("worst", "worst-task accuracy"))):
+    for j, m in enumerate(methods):
+      color, dx = f"C{j}", 0.08 * (j - (len(methods) - 1) / 2)
+      xs, means, ses = [], [], []
+      for i, z in enumerate(sizes):
+        c = next(r for r in rows if (r["size"], r["method"]) == (z, m))["vs_reference"][metric]
+        for d in c["diffs"].values():
+          ax.plot(i + dx, 100 * d, ".", color=color, alpha=0.4, ms=5)
+        if c["seeds"]:
+          xs.append(i + dx)
+          means.append(100 * c["mean"])
+          ses.append(0.0 if math.isnan(c["se"]) else 100 * c["se"])
+      if xs:
+        ax.errorbar(xs, means, yerr=ses, color=color, marker="o", capsize=3, label=m)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set_xlim(-0.5, len(sizes) - 0.5)
+    ax.set_xlabel("model")
+    ax.set_ylabel(f"{title}: method - static mixing (pp)")
+    ax.set_title(f"Fig. 8 / B.3: gap in {title}", fontsize=10)
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc="lower center", ncol=len(methods), fontsize=8)
+  fig.suptitle("Gap to static mixing of the same model (mean ± SE over seeds; dots: seeds; "
+               "a model with no finished seed has no point)", fontsize=10)
+  fig.tight_layout(rect=(0, 0.08, 1, 1))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def write_outputs(regime_root: str, ablations_root: str, out: str,
                   seeds: Sequence[int] = SEEDS, command: Optional[str] = None,
                   figure: bool = True) -> dict:
-  """``report.json``, ``report.md`` and (``figure``) ``ablations.png`` under ``out``."""
+  """``report.json``, ``report.md`` and (``figure``) ``ablations.png`` and ``model_size.png``
+  under ``out``."""
   report = build_report(regime_root, ablations_root, seeds)
   report["command"] = command
   fileio.atomic_write_json(os.path.join(out, "report.json"), report)
   fileio.atomic_write_text(os.path.join(out, "report.md"), markdown(report, command))
   if figure:
     plot(report, os.path.join(out, "ablations.png"))
+    plot_model_size(report, os.path.join(out, "model_size.png"))
   return report
 
 

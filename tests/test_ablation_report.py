@@ -158,3 +158,48 @@ def test_outputs_and_bad_roots(roots, tmp_path):
   empty.mkdir()  # exists, nothing synced yet: every ablation cell missing, no error
   report = ablation_report.build_report(regime, str(empty))
   assert all(r["cell"]["status"] == "missing" for r in report["renormalisation"])
+
+
+def _gap(seeds, mean, se):
+  return {"seeds": seeds, "mean": mean, "se": se}
+
+
+def test_gap_change_rule_by_hand():
+  # narrow gap +7 ± 1, larger +1 ± 1: 6 closer to 0, SE sqrt(2) = 1.41: smaller (6 > 2.83)
+  c = ablation_report.gap_change(_gap([0, 1, 2], 0.07, 0.01), _gap([0, 1, 2], 0.01, 0.01))
+  assert c["reduction"] == pytest.approx(0.06) and c["se"] == pytest.approx(0.01 * math.sqrt(2))
+  assert c["text"] == "smaller"
+  # a negative narrow gap (-3) that grows to -6: closer to 0 by -3, SE 0.5: larger
+  c = ablation_report.gap_change(_gap([0, 1], -0.03, 0.003), _gap([0, 1], -0.06, 0.004))
+  assert c["reduction"] == pytest.approx(-0.03) and c["text"] == "larger"
+  # overshooting past 0 counts as closer on the narrow gap's side: +5 -> -1 is a reduction of 6
+  c = ablation_report.gap_change(_gap([0, 1], 0.05, 0.02), _gap([0, 1], -0.01, 0.02))
+  assert c["reduction"] == pytest.approx(0.06) and c["text"] == "smaller"  # 6 > 2 x 2.83
+  assert ablation_report.gap_change(_gap([0, 1], 0.05, 0.03), _gap([0, 1], 0.01, 0.03))[
+      "text"] == "within noise"  # 4 < 2 x 4.24
+  assert ablation_report.gap_change(_gap([0, 1], 0.05, 0.01), _gap([0], 0.01, math.nan))[
+      "text"] == "1 seed: no verdict"
+  assert ablation_report.gap_change(_gap([0, 1], 0.05, 0.01), _gap([], math.nan, math.nan))[
+      "text"] == "no paired seed"
+
+
+def test_model_size_shrinkage_rows(roots):
+  regime, abl = roots
+  import pathlib  # pylint: disable=g-import-not-at-top
+  for seed, (s, d) in enumerate(((0.70, 0.72), (0.70, 0.73))):  # worst gaps +2, +3 pp
+    _write_run(pathlib.Path(abl), "paper_small-static", seed, 0.75, s)
+    _write_run(pathlib.Path(abl), "paper_small-dro-eta1e-2", seed, 0.74, d)
+  report = ablation_report.build_report(regime, abl)
+  row = _row(report["size_change"], size="paper_small", method="dro-eta1e-2")
+  worst = row["change"]["worst"]
+  # narrow DRO has seed 0 only (gap +12 pp): no verdict, the reduction 12 - 2.5 all the same
+  assert worst["narrow"] == pytest.approx(0.12) and worst["larger"] == pytest.approx(0.025)
+  assert worst["reduction"] == pytest.approx(0.095) and worst["text"] == "1 seed: no verdict"
+  assert {(r["size"], r["method"]) for r in report["size_change"]} == {
+      (z, m) for z in ("paper_small", "large")
+      for m in ("dro-eta1e-2", "ldro-eta1e-2-lam1e-1", "pcgrad")}
+  md = ablation_report.markdown(report)
+  # average gaps: narrow .48 - .50 = -2 pp, paper_small .74 - .75 = -1 pp: 1 pp closer to 0
+  assert "| paper_small | dro-eta1e-2 | -2.00 → -1.00 | +1.00: 1 seed: no verdict | " \
+         "+12.00 → +2.50 | +9.50: 1 seed: no verdict |" in md
+  assert "| large | pcgrad | - → - | no paired seed | - → - | no paired seed |" in md
