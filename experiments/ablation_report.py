@@ -605,7 +605,8 @@ def define_flags() -> None:
                       "weights, the narrow CNN.")
   flags.DEFINE_string("ablations_root", None, "The cifar10_regime_ablations runs "
                       "(<run>/seed<k>/).")
-  flags.DEFINE_string("out", None, "Output folder for report.md, report.json, ablations.png.")
+  flags.DEFINE_string("out", None, "Output folder for report.md, report.json, ablations.png, "
+                      "model_size.png.")
   flags.DEFINE_list("seeds", [str(s) for s in SEEDS], "Seeds every run is expected at (the "
                     "others are listed as missing).")
 

@@ -25,9 +25,8 @@ S="nice -n 19 python -m experiments.sweep"
 
 lane_a() {  # the clean regime: core seeds 0 and 2; narrow-CNN ablations (T, renormalisation)
   # seed 0; the failure case's seeds 1-2; the rest of the grid; the ablations' seeds 1-2; the
-  # paper's small CNN (4x wider, ~3x a narrow step); the large CNN's seed 0 (~11x the small
-  # CNN's step: ~40 min a run on 2 idle cores), so that Figure 8 has a first reading; the rest
-  # of the failure case's grid; the large CNN's seeds 1-2 last
+  # paper's small CNN (4x wider, ~3x a narrow step); the rest of the failure case's grid; the
+  # large CNN (~11x the small CNN's step) last
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=0
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=2
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0 --only='^ldro_'
@@ -36,9 +35,15 @@ lane_a() {  # the clean regime: core seeds 0 and 2; narrow-CNN ablations (T, ren
   $S --sweep=cifar10_regime --root=$W/regime --seeds=0,1,2
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=1,2 --only='^ldro_'
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0,1,2 --only='^paper_small'
-  $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0 --only='^large'
+  # the rest of the 40%-flip grid: first the seeds that complete a method's three, then DRO's
+  # and L-DRO's grids; DRO at eta 0 (the same training as static mixing) last
+  $S --sweep=cifar10_hard_task --root=$W/hard_task --seeds=0 --only='^(avg_max|ldro-eta1e-2-lam1e-2)$'
+  $S --sweep=cifar10_hard_task --root=$W/hard_task --seeds=0,1,2 --only='^(dro-eta1e-[34]|ldro-)'
   $S --sweep=cifar10_hard_task --root=$W/hard_task --seeds=0,1,2
-  $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=1,2 --only='^large'
+  # the large CNN (~40 min a run on 2 idle cores, 12 runs): last, for a session that can give
+  # it the cores (a run unfinished at a session's end is lost with workdirs/ on a fresh
+  # checkout; only finished runs are committed)
+  $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0,1,2 --only='^large'
 }
 lane_b() {  # DRO's failure case: one task with 40% flipped labels
   $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=0
