@@ -18,8 +18,9 @@ baselines), and writes to ``--out``:
   - **renormalisation** (Figure 5b, App. A.2): at T = 1000, without vs with renormalisation;
   - **model size** (Figure 8, App. B.3): narrow CNN (the main grid) / the paper's small CNN /
     the large CNN x static mixing, DRO, L-DRO, PCGrad, compared with static mixing of the same
-    size; and, for each method, whether that gap shrinks from the narrow CNN to a larger one
-    (:func:`gap_change`; B.3: "the differences vanish");
+    size; for each method, whether that gap shrinks from the narrow CNN to a larger one
+    (:func:`gap_change`; B.3: "the differences vanish"); and L-DRO against DRO at each size
+    (:data:`SIZE_PAIR`);
 
   then every expected run and seed that has not finished (listed, never dropped), each run's
   seeds with its wall-clock (``wall_clock.json``), its interval and renormalisation as its
@@ -60,6 +61,9 @@ ABLATION_SWEEP = "cifar10_regime_ablations"
 REGIME_SWEEP = "cifar10_regime"
 #: Equal weights (the reference band, and the model-size table's comparison).
 EW_RUN = "static"
+#: L-DRO and DRO of the model-size rows, compared with each other at each size (at the paper's
+#: small CNN, its main model, that is section 5.1's claim at one setting of each).
+SIZE_PAIR = ("ldro-eta1e-2-lam1e-1", "dro-eta1e-2")
 #: The main grid's interaction-matrix interval (gin_configs/methods/ldro.gin, UPDATE_EVERY).
 MAIN_T = 100
 #: The main grid's model in the model-size table.
@@ -309,6 +313,14 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
     size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
                     {"size": z, "method": m}) for m in lay["size_methods"]])
   size_change = shrinkage(size, lay["sizes"])
+  if not set(SIZE_PAIR) <= set(lay["size_methods"]):
+    raise ValueError(f"SIZE_PAIR {SIZE_PAIR} is not among the model-size runs "
+                     f"{lay['size_methods']}")
+  size_pair = []
+  for z in lay["sizes"]:
+    a, b = (cell(found[k[0]].get(k[1], {}), k) for k in (_size_run(z, m) for m in SIZE_PAIR))
+    size_pair.append({"size": z, "a": a["run"], "b": b["run"],
+                      "vs": {m: compare(a, b, m) for m in ("avg", "worst")}})
   missing = []
   for key in expected:  # the sweeps' order
     done = {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
@@ -332,7 +344,8 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
           "tail": regime_report.TAIL, "seeds_expected": list(seeds),
           "settings": [list(s) for s in lay["settings"]], "intervals": lay["intervals"],
           "equal_weights": ew, "interval": interval, "renormalisation": renorm,
-          "model_size": size, "size_change": size_change, "missing": missing,
+          "model_size": size, "size_change": size_change, "size_pair": size_pair,
+          "missing": missing,
           "runs": details,
           "rule": "paired difference A - B over seeds: higher (paired_verdict 'holds') if mean "
                   "> 2 SE, lower ('does not hold') if mean < -2 SE, else within noise; 1 seed: "
@@ -361,9 +374,10 @@ def _gap(x: float) -> str:
 
 
 def _cmp(r: dict, metric: str) -> str:
-  if "vs_reference" not in r:
+  """A row's comparison as text (``r['vs_reference']``, or ``r['vs']`` for the size pairs)."""
+  if "vs_reference" not in r and "vs" not in r:
     return "reference"
-  c = r["vs_reference"][metric]
+  c = r.get("vs_reference", r.get("vs"))[metric]
   if not c["seeds"]:
     return "no paired seed"
   se = "" if math.isnan(c["se"]) else f" ± {100 * c['se']:.2f}"
@@ -421,6 +435,11 @@ def markdown(report: dict, command: Optional[str] = None) -> str:
       cells += [f"{_gap(c['narrow'])} → {_gap(c['larger'])}",
                 f"{red if red != '-' else ''}{c['text']}"]
     lines.append(f"| {r['size']} | {r['method']} | " + " | ".join(cells) + " |")
+  lines += ["", f"L-DRO ({SIZE_PAIR[0]}) - DRO ({SIZE_PAIR[1]}) at each size (paired over "
+            "seeds; section 5.1: L-DRO reaches DRO's worst task without its cost in average):",
+            "", "| model | Δ avg (pp) | Δ worst (pp) |", "|---|---|---|"]
+  for r in report["size_pair"]:
+    lines.append(f"| {r['size']} | {_cmp(r, 'avg')} | {_cmp(r, 'worst')} |")
   lines += ["", "## Missing (expected seeds "
             f"{', '.join(map(str, report['seeds_expected']))} not finished)", ""]
   if report["missing"]:
