@@ -13,8 +13,10 @@
 #                                               # run is claimed by one (experiments/sweep.py, .claim)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
 #   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
-#   bash results/cifar10_regime/run.sh restore  # on a fresh checkout: the committed runs back into
-#                                               # workdirs/, so that 'start' skips them
+#   bash results/cifar10_regime/run.sh start g g2 g3 g4  # the large CNN (Figure 8) on four lanes
+#   bash results/cifar10_regime/run.sh restore  # the committed runs back into workdirs/, so that
+#                                               # 'start' skips them ('start' does it itself
+#                                               # when workdirs/ has no regime runs yet)
 #   bash results/cifar10_regime/sync.sh         # copy finished runs into results/ (then commit)
 set -u
 SELF=$(realpath "$0")  # the lanes re-run this script after the cd below
@@ -67,6 +69,12 @@ lane_d() {  # the stronger failure case (hard_task_any.gin: half of cat/dog's la
   $S --sweep=cifar10_hard_task_any_core --root=$W/hard_task_any --seeds=0
   $S --sweep=cifar10_hard_task_any_core --root=$W/hard_task_any --seeds=1,2
 }
+lane_g() {  # the large CNN (Figure 8, App. B.3): seed 0 of its four runs first. ~40 min a run
+  # on 2 idle cores, so 'start g g2 g3 g4' at a session's start finishes one seed in ~2.7 h;
+  # a run unfinished when the session ends is lost with workdirs/ on a fresh checkout
+  $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0 --only='^large'
+  $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=1,2 --only='^large'
+}
 lane_c() {  # seed 1 of both core grids (lanes a and b take seeds 0 and 2)
   $S --sweep=cifar10_regime_core --root=$W/regime --seeds=1
   $S --sweep=cifar10_hard_task_core --root=$W/hard_task --seeds=1
@@ -75,6 +83,9 @@ lane_c() {  # seed 1 of both core grids (lanes a and b take seeds 0 and 2)
 case "${1:-start}" in
   start)  # lanes to start: a b c l (the default) or those named, e.g. 'run.sh start a d'
     shift; lanes=${*:-a b c l}
+    # a fresh checkout has no workdirs/: bring the committed finished runs back first, or the
+    # lanes would train them again ('restore' below; an existing workdirs/ is left as it is)
+    [ -d $W/regime ] || bash "$SELF" restore
     for lane in $lanes; do
       if [ -f $W/lane_$lane.pid ] && kill -0 -- -"$(cat $W/lane_$lane.pid)" 2>/dev/null; then
         echo "lane $lane already running (process group $(cat $W/lane_$lane.pid))"; continue
@@ -93,6 +104,7 @@ case "${1:-start}" in
       _lane_b) lane_b ;;
       _lane_c) lane_c ;;
       _lane_d*) lane_d ;;  # d, d2, ...: side by side on lane d's list
+      _lane_g*) lane_g ;;  # g, g2, ...: side by side on the large CNN's list
       _lane_l*) lane_l ;;  # l, l2, l3, ...: side by side on lane l's list (a run trains in one of them)
     esac ;;
   stop)  # SIGTERM to each lane's process group: the running training saves a checkpoint and
