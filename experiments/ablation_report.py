@@ -102,6 +102,8 @@ def layout() -> dict:
         sizes.append(size)
       if method not in size_methods:
         size_methods.append(method)
+  if not set(SIZE_PAIR) <= set(size_methods):
+    raise ValueError(f"SIZE_PAIR {SIZE_PAIR} is not among the model-size runs {size_methods}")
   for name in [_t_run(s, MAIN_T)[1] for s in settings] + [EW_RUN] + size_methods:
     if name not in main:
       raise ValueError(f"run {name!r} is not in the {REGIME_SWEEP!r} sweep")
@@ -313,9 +315,6 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
     size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
                     {"size": z, "method": m}) for m in lay["size_methods"]])
   size_change = shrinkage(size, lay["sizes"])
-  if not set(SIZE_PAIR) <= set(lay["size_methods"]):
-    raise ValueError(f"SIZE_PAIR {SIZE_PAIR} is not among the model-size runs "
-                     f"{lay['size_methods']}")
   size_pair = []
   for z in lay["sizes"]:
     a, b = (cell(found[k[0]].get(k[1], {}), k) for k in (_size_run(z, m) for m in SIZE_PAIR))
@@ -345,8 +344,7 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
           "settings": [list(s) for s in lay["settings"]], "intervals": lay["intervals"],
           "equal_weights": ew, "interval": interval, "renormalisation": renorm,
           "model_size": size, "size_change": size_change, "size_pair": size_pair,
-          "missing": missing,
-          "runs": details,
+          "missing": missing, "runs": details,
           "rule": "paired difference A - B over seeds: higher (paired_verdict 'holds') if mean "
                   "> 2 SE, lower ('does not hold') if mean < -2 SE, else within noise; 1 seed: "
                   "no verdict"}
@@ -431,9 +429,8 @@ def markdown(report: dict, command: Optional[str] = None) -> str:
     for k in ("avg", "worst"):
       c = r["change"][k]
       se = "" if math.isnan(c["se"]) else f" ± {100 * c['se']:.2f}"
-      red = "-" if math.isnan(c["reduction"]) else f"{100 * c['reduction'] + 0.0:+.2f}{se}: "
-      cells += [f"{_gap(c['narrow'])} → {_gap(c['larger'])}",
-                f"{red if red != '-' else ''}{c['text']}"]
+      red = "" if math.isnan(c["reduction"]) else f"{100 * c['reduction'] + 0.0:+.2f}{se}: "
+      cells += [f"{_gap(c['narrow'])} → {_gap(c['larger'])}", red + c["text"]]
     lines.append(f"| {r['size']} | {r['method']} | " + " | ".join(cells) + " |")
   lines += ["", f"L-DRO ({SIZE_PAIR[0]}) - DRO ({SIZE_PAIR[1]}) at each size (paired over "
             "seeds; section 5.1: L-DRO reaches DRO's worst task without its cost in average):",
