@@ -34,6 +34,9 @@ an out-of-memory kill then only ends that run). Per run directory:
 between runs; relative paths in the configs, such as the CIFAR-10 ``DATA_DIR``,
 are then relative to the current directory: run from the repository root).
 ``--bindings`` appends gin bindings to every run (e.g. a smaller budget).
+``--start_before`` (a UTC time) starts no run, new or partial, after that time: the runs
+left are reported as deferred, for a later sweep (e.g. a session that ends before a long
+run could finish, when unfinished runs do not outlive it).
 
 The sweeps (paper section 5.1, Appendices A-B) are defined in :data:`SWEEPS`.
 """
@@ -43,6 +46,7 @@ if __name__ == "__main__":  # before JAX starts: see experiments/runner/cpu_runt
   _cpu_runtime.configure_process("experiments.sweep")
 
 import dataclasses
+import datetime
 import math
 import os
 import re
@@ -501,7 +505,8 @@ def _train_in_process(run: Run, workdir: str, bindings: Sequence[str]) -> None:
 def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
               only: Optional[str] = None, dry_run: bool = False, in_process: bool = False,
               extra_bindings: Sequence[str] = (), retry_failed: bool = False,
-              say: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
+              say: Callable[[str], None] = lambda s: print(s, flush=True),
+              start_before: Optional[float] = None) -> dict:
   """Runs (or lists) every run x seed not finished yet.
 
   Args:
@@ -514,12 +519,15 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     extra_bindings: gin bindings appended to every run.
     retry_failed: resume runs that failed before (``FAILED``) instead of skipping them.
     say: progress printer (one line per run).
+    start_before: a time (seconds since the epoch): no run is started or resumed at or after
+      it; ``None``: no limit.
 
   Returns:
     ``{'<name>/seed<k>': status}`` with status ``'done'`` (finished now),
     ``'skipped'`` (finished before), ``'failed'`` (now, or before and not
     retried), ``'running'`` (held by another sweep process, see ``.claim``
-    above), ``'waiting'`` (a run of its ``Run.after`` is not finished), or in a
+    above), ``'waiting'`` (a run of its ``Run.after`` is not finished),
+    ``'deferred'`` (not started: past ``start_before``), or in a
     dry run the current
     ``'done'``/``'failed'``/``'partial'``/``'pending'``/``'running'`` (a dry run creates
     nothing).
@@ -546,6 +554,10 @@ def run_sweep(runs: Sequence[Run], root: str, seeds: Sequence[int] = (0,),
     ended = _ended(head, workdir, cmd_str, retry_failed, say)
     if ended:
       results[key] = ended
+      continue
+    if start_before is not None and time.time() >= start_before:
+      say(f"{head}: not started: past --start_before; deferred (re-run the sweep)")
+      results[key] = "deferred"
       continue
     waiting = [f"{a}/seed{seed}" for a in run.after
                if _status(os.path.join(root, a, f"seed{seed}")) != "done"]
@@ -671,6 +683,27 @@ def define_flags() -> None:
                             "(repeatable), e.g. 'NUM_STEPS = 100'.")
   flags.DEFINE_bool("retry_failed", False, "Resume runs that failed before (their FAILED file) "
                     "instead of skipping them.")
+  flags.DEFINE_string("start_before", None, "UTC time, e.g. 2026-12-02T09:00: start (or "
+                      "resume) no run at or after it; the rest are reported as deferred.")
+
+
+def parse_utc(text: Optional[str]) -> Optional[float]:
+  """``--start_before``'s time (ISO 8601; UTC unless it names a zone) as seconds since the
+  epoch; ``None`` for ``None``.
+
+  Raises:
+    ValueError: not an ISO 8601 time.
+  """
+  if text is None:
+    return None
+  try:
+    t = datetime.datetime.fromisoformat(text)
+  except ValueError:
+    raise ValueError(f"--start_before must be an ISO 8601 time such as 2026-12-02T09:00 "
+                     f"(UTC), got {text!r}.") from None
+  if t.tzinfo is None:
+    t = t.replace(tzinfo=datetime.timezone.utc)
+  return t.timestamp()
 
 
 def _raise_interrupt(signum, frame):
@@ -697,7 +730,7 @@ def main(argv: Sequence[str]) -> None:
     if f.only:
       re.compile(f.only)
     results = run_sweep(runs, f.root, seeds, f.only, f.dry_run, f.in_process, f.bindings,
-                        f.retry_failed)
+                        f.retry_failed, start_before=parse_utc(f.start_before))
   except KeyboardInterrupt:
     print(f"sweep {f.sweep}: interrupted; re-run the same command to resume.", flush=True)
     sys.exit(130)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -83,6 +84,21 @@ def test_sweep_only_filter_and_dry_run(tmp_path):
   assert len(names) == 19 and len(set(names)) == 19
   assert sum(n.startswith("ldro-") for n in names) == 9
   assert sum(n.startswith("dro-") for n in names) == 5
+
+
+def test_sweep_starts_no_run_after_start_before(tmp_path):
+  """Past --start_before no run starts (nor resumes): each is deferred, nothing is written."""
+  root = str(tmp_path / "root")
+  lines = []
+  res = sweep.run_sweep(RUNS, root, seeds=(0, 1), only="^avg$", in_process=True,
+                        extra_bindings=STEPS, say=lines.append, start_before=time.time() - 1)
+  assert res == {"avg/seed0": "deferred", "avg/seed1": "deferred"}
+  assert all("past --start_before" in l for l in lines) and not os.path.exists(root)
+  assert sweep.parse_utc("2026-12-02T09:00") == 1796202000.0  # UTC unless a zone is named
+  assert sweep.parse_utc("2026-12-02T10:00+01:00") == 1796202000.0
+  assert sweep.parse_utc(None) is None
+  with pytest.raises(ValueError, match="ISO 8601"):
+    sweep.parse_utc("9am")
 
 
 def test_sweep_skips_a_run_another_process_holds(tmp_path):

@@ -23,7 +23,10 @@ SELF=$(realpath "$0")  # the lanes re-run this script after the cd below
 cd "$(dirname "$SELF")/../.."
 W=workdirs/cifar10_regime
 mkdir -p $W
-S="nice -n 19 python -m experiments.sweep"
+# START_BEFORE (a UTC time, e.g. START_BEFORE=2026-12-02T09:00 run.sh start g): no lane starts
+# or resumes a run after it (experiments/sweep.py --start_before), e.g. so that no run starts
+# that cannot finish before the session ends (unfinished runs do not outlive workdirs/)
+S="nice -n 19 python -m experiments.sweep${START_BEFORE:+ --start_before=$START_BEFORE}"
 
 lane_a() {  # the clean regime: core seeds 0 and 2; narrow-CNN ablations (T, renormalisation)
   # seed 0; the failure case's seeds 1-2; the rest of the grid; the ablations' seeds 1-2; the
