@@ -253,11 +253,8 @@ def gap_change(narrow: dict, larger: dict) -> dict:
   if len(narrow["seeds"]) < 2 or len(larger["seeds"]) < 2:
     return dict(out, text="1 seed: no verdict")
   out["se"] = math.sqrt(narrow["se"] ** 2 + larger["se"] ** 2)
-  if out["reduction"] > 2 * out["se"]:
-    return dict(out, text="smaller")
-  if out["reduction"] < -2 * out["se"]:
-    return dict(out, text="larger")
-  return dict(out, text="within noise")
+  verdict = regime_report.two_se_verdict(out["reduction"], out["se"])
+  return dict(out, text={"holds": "smaller", "does not hold": "larger"}.get(verdict, verdict))
 
 
 def shrinkage(size_rows: Sequence[dict], sizes: Sequence[str]) -> list[dict]:
@@ -277,6 +274,10 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
   found = {"regime": _seed_summaries(_load(regime_root, "regime_root"), "regime", expected),
            "ablations": _seed_summaries(_load(ablations_root, "ablations_root"), "ablations",
                                         expected)}
+  def cell_of(key, use: Optional[set] = None) -> dict:
+    """:func:`cell` of the run ``key`` = (root, run name)."""
+    return cell(found[key[0]].get(key[1], {}), key, use)
+
   def finished(key) -> set:
     return {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
 
@@ -290,15 +291,15 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
     use = set.intersection(*have) if have else set()
     rows = []
     for key, ref_key, extra in specs:
-      out = dict(extra, cell=cell(found[key[0]].get(key[1], {}), key, use))
+      out = dict(extra, cell=cell_of(key, use))
       if ref_key is not None:
-        every = [cell(found[k[0]].get(k[1], {}), k) for k in (key, ref_key)]
+        every = [cell_of(k) for k in (key, ref_key)]
         out["reference"] = ref_key[1]
         out["vs_reference"] = {m: compare(*every, m) for m in ("avg", "worst")}
       rows.append(out)
     return rows
 
-  ew = cell(found["regime"].get(EW_RUN, {}), ("regime", EW_RUN))
+  ew = cell_of(("regime", EW_RUN))
   interval = []
   for s in lay["settings"]:
     interval += group([(_t_run(s, t), None if t == MAIN_T else _t_run(s, MAIN_T),
@@ -317,9 +318,9 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
   size_change = shrinkage(size, lay["sizes"])
   size_pair = []
   for z in lay["sizes"]:
-    a, b = (cell(found[k[0]].get(k[1], {}), k) for k in (_size_run(z, m) for m in SIZE_PAIR))
-    size_pair.append({"size": z, "a": a["run"], "b": b["run"],
-                      "vs": {m: compare(a, b, m) for m in ("avg", "worst")}})
+    a, b = (cell_of(_size_run(z, m)) for m in SIZE_PAIR)
+    size_pair.append({"size": z, "run": a["run"], "reference": b["run"],
+                      "vs_reference": {m: compare(a, b, m) for m in ("avg", "worst")}})
   missing = []
   for key in expected:  # the sweeps' order
     done = {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
@@ -372,10 +373,9 @@ def _gap(x: float) -> str:
 
 
 def _cmp(r: dict, metric: str) -> str:
-  """A row's comparison as text (``r['vs_reference']``, or ``r['vs']`` for the size pairs)."""
-  if "vs_reference" not in r and "vs" not in r:
+  if "vs_reference" not in r:
     return "reference"
-  c = r.get("vs_reference", r.get("vs"))[metric]
+  c = r["vs_reference"][metric]
   if not c["seeds"]:
     return "no paired seed"
   se = "" if math.isnan(c["se"]) else f" ± {100 * c['se']:.2f}"

@@ -156,11 +156,17 @@ def paired_verdict(diffs: Sequence[float]) -> tuple[str, float, float]:
   if d.size < 2:
     return "one seed", mean, math.nan
   se = float(d.std(ddof=1) / math.sqrt(d.size))
+  return two_se_verdict(mean, se), mean, se
+
+
+def two_se_verdict(mean: float, se: float) -> str:
+  """The rule's threshold: ``'holds'`` if ``mean > 2 se``, ``'does not hold'`` if
+  ``mean < -2 se``, else ``'within noise'``."""
   if mean > 2 * se:
-    return "holds", mean, se
+    return "holds"
   if mean < -2 * se:
-    return "does not hold", mean, se
-  return "within noise", mean, se
+    return "does not hold"
+  return "within noise"
 
 
 def at_least_verdict(verdict: str) -> str:

@@ -205,7 +205,7 @@ def test_model_size_shrinkage_rows(roots):
   assert "| large | pcgrad | - → - | no paired seed | - → - | no paired seed |" in md
   # L-DRO - DRO at each size: narrow seed 0 only (.55 - .48 = +7 avg, .40 - .42 = -2 worst)
   narrow = _row(report["size_pair"], size="narrow")
-  assert narrow["vs"]["avg"]["mean"] == pytest.approx(0.07)
-  assert narrow["vs"]["worst"]["mean"] == pytest.approx(-0.02)
+  assert narrow["vs_reference"]["avg"]["mean"] == pytest.approx(0.07)
+  assert narrow["vs_reference"]["worst"]["mean"] == pytest.approx(-0.02)
   assert "| narrow | +7.00 (n=1): 1 seed: no verdict | -2.00 (n=1): 1 seed: no verdict |" in md
   assert "| paper_small | no paired seed | no paired seed |" in md
