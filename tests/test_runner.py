@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import gin
 import pytest
@@ -55,6 +56,18 @@ def test_resume_gives_the_same_run(tmp_path):
   assert full[-1] == resumed[-1]  # params-derived metrics and task weights, bitwise
 
 
+def test_progress_line_says_the_time_left():
+  exp = types.SimpleNamespace(main_metric="accuracy")
+  record = {"avg_accuracy": 0.5, "worst_accuracy": 0.25}
+  assert loop.progress_line(400, 6000, 2.0, exp, record) == (
+      "step 400/6000 | 2.0 steps/s | 46m40s left | avg accuracy 0.5000 | worst accuracy 0.2500")
+  # the last line has nothing left to estimate; losses instead of a record
+  assert loop.progress_line(10, 10, 3.0, exp, [1.0, 3.0]) == (
+      "step 10/10 | 3.0 steps/s | avg train loss 2.0000 | worst train loss 3.0000")
+  assert [loop.duration(s) for s in (0.4, 59, 61, 3599, 3600, 11220)] == [
+      "0s", "59s", "1m01s", "59m59s", "1h00m", "3h07m"]
+
+
 def test_cli_default_prints_average_and_worst(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}",
@@ -62,7 +75,7 @@ def test_cli_default_prints_average_and_worst(tmp_path):
        "--gin_bindings=train_and_evaluate.log_every=5"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "step 5/10" in out.stdout and "steps/s" in out.stdout
+  assert "step 5/10" in out.stdout and "steps/s" in out.stdout and "left |" in out.stdout
   assert "final (step 10): average loss" in out.stdout and "worst loss" in out.stdout
 
 

@@ -203,14 +203,27 @@ def interrupted(signum: int, mngr, state, num_steps: int) -> interrupts.Interrup
   return interrupts.Interrupted(signum, step, num_steps, max(saved) if saved else None)
 
 
+def duration(seconds: float) -> str:
+  """``seconds`` as a short reading: ``'45s'``, ``'12m05s'``, ``'3h07m'``."""
+  s = max(int(round(seconds)), 0)
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def progress_line(step, num_steps, rate, exp, record_or_losses) -> str:
+  """One progress line: step, rate, time left at that rate, then metrics or train losses."""
+  head = f"step {step}/{num_steps} | {rate:.1f} steps/s"
+  if step < num_steps and rate > 0:  # evaluations and checkpoints not counted
+    head += f" | {duration((num_steps - step) / rate)} left"
   if isinstance(record_or_losses, dict):
     m = exp.main_metric
-    return (f"step {step}/{num_steps} | {rate:.1f} steps/s | avg {m} "
-            f"{record_or_losses[f'avg_{m}']:.4f} | worst {m} {record_or_losses[f'worst_{m}']:.4f}")
+    return (f"{head} | avg {m} {record_or_losses[f'avg_{m}']:.4f} | "
+            f"worst {m} {record_or_losses[f'worst_{m}']:.4f}")
   losses = np.asarray(record_or_losses)
-  return (f"step {step}/{num_steps} | {rate:.1f} steps/s | avg train loss {losses.mean():.4f} | "
-          f"worst train loss {losses.max():.4f}")
+  return f"{head} | avg train loss {losses.mean():.4f} | worst train loss {losses.max():.4f}"
 
 
 def _validate(num_steps, eval_every, log_every, checkpoint_every, keep_checkpoints, seed, mode,
