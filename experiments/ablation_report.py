@@ -28,6 +28,9 @@ baselines), and writes to ``--out``:
   commands that made the report.
 * ``model_size.png``: each method's gap to static mixing of the same size vs the model size
   (Figure 8 as gaps), mean ± SE over seeds with one marker per seed.
+* ``size_curves.png``: per-task training loss and test accuracy over steps of static mixing at
+  each model size (seed 0), beside the report's capacity table (training-subset accuracy,
+  train - test gap, plateaued tasks per size).
 * ``ablations.png``: plateau average and worst-task accuracy vs T (log axis) per setting, and
   renormalisation on / off at T = 1000, mean ± std over seeds with one marker per seed, equal
   weights as a horizontal band (mean ± std).
@@ -174,7 +177,52 @@ def _seed_summaries(runs: Sequence[dict], root_key: str, expected: dict) -> dict
         "tail": tail, "wall_clock": wall, "config": _config_values(r["dir"]),
         "matches_sweep": _matches_sweep(r["dir"], expected.get((root_key, r["run"]))),
         "command": _read(os.path.join(r["dir"], "command.txt")),
+        "fit": fit_metrics(r["records"]) if r["done"] else None,
     }
+  return out
+
+
+def fit_metrics(records: Sequence[dict], tail: int = regime_report.TAIL) -> Optional[dict]:
+  """How well a run fits its training tasks: means over the last ``tail`` evaluations of the
+  per-task accuracy on the fixed training subset (``task_train_accuracy``), and how many
+  tasks' training losses have plateaued (:func:`experiments.regime_report.plateau_stats`).
+
+  Returns:
+    ``{'train_avg', 'train_worst', 'test_avg', 'tasks', 'plateaued'}``: the tasks' mean and
+    lowest training accuracy (lowest of the per-task tail means), the tasks' mean test accuracy,
+    the number of tasks and of plateaued tasks (None if the run has too few evaluations for the
+    plateau check); or None without ``tail`` evaluations that have ``task_train_accuracy``.
+  """
+  recs = [r for r in records if "task_train_accuracy" in r][-tail:]
+  if len(recs) < tail:
+    return None
+  train = np.array([r["task_train_accuracy"] for r in recs]).mean(axis=0)
+  test = np.array([r["task_accuracy"] for r in recs]).mean(axis=0)
+  plateau = regime_report.plateau_stats(records)
+  return {"train_avg": float(train.mean()), "train_worst": float(train.min()),
+          "test_avg": float(test.mean()), "tasks": int(train.size),
+          "plateaued": (sum(t["plateau"] for t in plateau["tasks"]) if plateau else None)}
+
+
+def capacity(found_seeds: dict, key: tuple[str, str], size: str) -> dict:
+  """One model size's fit to its training tasks (its static-mixing run ``key``) over seeds.
+
+  Returns:
+    ``{'size', 'run', 'seeds', 'train_avg', 'train_worst', 'gap'}`` with mean and std over the
+    seeds (``{'mean', 'std'}``; std NaN below 2 seeds, mean NaN with none), ``gap`` = training
+    minus test accuracy, averaged over tasks; and ``plateaued`` / ``tasks`` summed over seeds.
+  """
+  fits = {s: v["fit"] for s, v in sorted(found_seeds.items()) if v.get("fit")}
+  out = {"size": size, "run": f"{key[0]}/{key[1]}", "seeds": sorted(fits)}
+  for name, f in (("train_avg", lambda x: x["train_avg"]),
+                  ("train_worst", lambda x: x["train_worst"]),
+                  ("gap", lambda x: x["train_avg"] - x["test_avg"])):
+    v = np.array([f(x) for x in fits.values()], np.float64)
+    out[name] = {"mean": float(v.mean()) if v.size else math.nan,
+                 "std": float(v.std(ddof=1)) if v.size > 1 else math.nan}
+  checked = [x for x in fits.values() if x["plateaued"] is not None]
+  out["plateaued"] = sum(x["plateaued"] for x in checked)
+  out["tasks"] = sum(x["tasks"] for x in checked)
   return out
 
 
@@ -316,6 +364,8 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
     size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
                     {"size": z, "method": m}) for m in lay["size_methods"]])
   size_change = shrinkage(size, lay["sizes"])
+  fit = [capacity(found[k[0]].get(k[1], {}), k, z)
+         for z in lay["sizes"] for k in [_size_run(z, EW_RUN)]]
   size_pair = []
   for z in lay["sizes"]:
     a, b = (cell_of(_size_run(z, m)) for m in SIZE_PAIR)
@@ -345,6 +395,7 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
           "settings": [list(s) for s in lay["settings"]], "intervals": lay["intervals"],
           "equal_weights": ew, "interval": interval, "renormalisation": renorm,
           "model_size": size, "size_change": size_change, "size_pair": size_pair,
+          "capacity": fit,
           "missing": missing, "runs": details,
           "rule": "paired difference A - B over seeds: higher (paired_verdict 'holds') if mean "
                   "> 2 SE, lower ('does not hold') if mean < -2 SE, else within noise; 1 seed: "
@@ -437,6 +488,20 @@ def markdown(report: dict, command: Optional[str] = None) -> str:
             "", "| model | Δ avg (pp) | Δ worst (pp) |", "|---|---|---|"]
   for r in report["size_pair"]:
     lines.append(f"| {r['size']} | {_cmp(r, 'avg')} | {_cmp(r, 'worst')} |")
+  lines += ["", f"Capacity: how well static mixing of each size fits its training tasks (App. "
+            "B.3 reads the thinning differences as L-DRO being useful where the model's capacity "
+            "limits it). Accuracy on the fixed training subset (500 examples a task; mean over "
+            f"the last {report['tail']} evaluations): the tasks' mean and the lowest task, mean ± "
+            "std over seeds; train - test: the tasks' mean training minus test accuracy; "
+            "plateaued: tasks whose training loss no longer falls (2-SE rule, all seeds). "
+            "Curves: `size_curves.png` (seed 0).", "",
+            "| model | run | seeds | train avg % | train worst task % | train - test avg (pp) | "
+            "tasks plateaued |", "|---|---|---|---|---|---|---|"]
+  for r in report["capacity"]:
+    cells = [regime_report.pm(r[k]["mean"], r[k]["std"], 100, 2) if r["seeds"] else "-"
+             for k in ("train_avg", "train_worst", "gap")]
+    cells.append(f"{r['plateaued']}/{r['tasks']}" if r["tasks"] else "-")
+    lines.append(f"| {r['size']} | `{r['run']}` | {len(r['seeds'])} | " + " | ".join(cells) + " |")
   lines += ["", "## Missing (expected seeds "
             f"{', '.join(map(str, report['seeds_expected']))} not finished)", ""]
   if report["missing"]:
@@ -601,11 +666,27 @@ def plot_model_size(report: dict, path: str) -> None:
   plt.close(fig)
 
 
+def plot_size_curves(regime_root: str, ablations_root: str, path: str, seed: int = 0) -> bool:
+  """Per-task training loss and test accuracy over steps of static mixing at each model size
+  (one finished seed); False (no file) if none has finished."""
+  runs = []
+  for z in layout()["sizes"]:
+    root_key, name = _size_run(z, EW_RUN)
+    folder = os.path.join(regime_root if root_key == "regime" else ablations_root, name)
+    if os.path.exists(os.path.join(folder, f"seed{seed}", "DONE")):
+      runs += [r | {"run": f"{z}: {name}"} for r in regime_report.load_runs(folder)
+               if r["seed"] == seed]
+  if not runs:
+    return False
+  return regime_report.plot_curves(runs, [r["run"] for r in runs], path,
+                                   "Static mixing at each model size: per-task curves")
+
+
 def write_outputs(regime_root: str, ablations_root: str, out: str,
                   seeds: Sequence[int] = SEEDS, command: Optional[str] = None,
                   figure: bool = True) -> dict:
-  """``report.json``, ``report.md`` and (``figure``) ``ablations.png`` and ``model_size.png``
-  under ``out``."""
+  """``report.json``, ``report.md`` and (``figure``) ``ablations.png``, ``model_size.png`` and
+  ``size_curves.png`` under ``out``."""
   report = build_report(regime_root, ablations_root, seeds)
   report["command"] = command
   fileio.atomic_write_json(os.path.join(out, "report.json"), report)
@@ -613,6 +694,7 @@ def write_outputs(regime_root: str, ablations_root: str, out: str,
   if figure:
     plot(report, os.path.join(out, "ablations.png"))
     plot_model_size(report, os.path.join(out, "model_size.png"))
+    plot_size_curves(regime_root, ablations_root, os.path.join(out, "size_curves.png"))
   return report
 
 
@@ -622,7 +704,7 @@ def define_flags() -> None:
   flags.DEFINE_string("ablations_root", None, "The cifar10_regime_ablations runs "
                       "(<run>/seed<k>/).")
   flags.DEFINE_string("out", None, "Output folder for report.md, report.json, ablations.png, "
-                      "model_size.png.")
+                      "model_size.png, size_curves.png.")
   flags.DEFINE_list("seeds", [str(s) for s in SEEDS], "Seeds every run is expected at (the "
                     "others are listed as missing).")
 

@@ -209,3 +209,29 @@ def test_model_size_shrinkage_rows(roots):
   assert narrow["vs_reference"]["worst"]["mean"] == pytest.approx(-0.02)
   assert "| narrow | +7.00 (n=1): 1 seed: no verdict | -2.00 (n=1): 1 seed: no verdict |" in md
   assert "| paper_small | no paired seed | no paired seed |" in md
+
+
+def test_fit_metrics_and_capacity_by_hand():
+  # task 0: training accuracy rising, loss still falling (not plateaued); task 1: flat, with
+  # its loss moving up and down (plateaued)
+  records = [{"step": 400 * i, "task_accuracy": [0.5, 0.6],
+              "task_train_accuracy": [0.1 * i + 0.2, 0.8],
+              "task_train_loss": [1.0 - 0.1 * i, 0.5 + 0.1 * (i % 2)]} for i in range(8)]
+  fit = ablation_report.fit_metrics(records)
+  # the last 4 evaluations: task 0 at 0.6, 0.7, 0.8, 0.9 (mean 0.75), task 1 at 0.8
+  assert fit["train_avg"] == pytest.approx(0.775) and fit["train_worst"] == pytest.approx(0.75)
+  assert fit["test_avg"] == pytest.approx(0.55)
+  assert (fit["tasks"], fit["plateaued"]) == (2, 1)
+  assert ablation_report.fit_metrics(records[:3]) is None  # fewer than 4 evaluations
+
+  other = {"train_avg": 0.825, "train_worst": 0.8, "test_avg": 0.5, "tasks": 2, "plateaued": 2}
+  seeds = {0: {"fit": fit}, 1: {"fit": other}, 2: {"fit": None}}  # seed 2 unfinished
+  row = ablation_report.capacity(seeds, ("ablations", "large-static"), "large")
+  assert row["run"] == "ablations/large-static" and row["seeds"] == [0, 1]
+  assert row["train_avg"]["mean"] == pytest.approx(0.8)
+  assert row["train_avg"]["std"] == pytest.approx(math.sqrt(2 * 0.025 ** 2))
+  assert row["train_worst"]["mean"] == pytest.approx(0.775)
+  assert row["gap"]["mean"] == pytest.approx((0.225 + 0.325) / 2)  # train - test, per seed
+  assert (row["plateaued"], row["tasks"]) == (3, 4)
+  empty = ablation_report.capacity({}, ("ablations", "large-static"), "large")
+  assert empty["seeds"] == [] and math.isnan(empty["gap"]["mean"]) and empty["tasks"] == 0
