@@ -216,7 +216,7 @@ def duration(seconds: float) -> str:
 def progress_line(step, num_steps, rate, exp, record_or_losses) -> str:
   """One progress line: step, rate, time left at that rate, then metrics or train losses."""
   head = f"step {step}/{num_steps} | {rate:.1f} steps/s"
-  if step < num_steps and rate > 0:  # evaluations and checkpoints not counted
+  if step < num_steps and rate > 0:  # at the last interval's rate, which leaves out evaluations
     head += f" | {duration((num_steps - step) / rate)} left"
   if isinstance(record_or_losses, dict):
     m = exp.main_metric
