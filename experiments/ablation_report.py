@@ -217,9 +217,7 @@ def capacity(found_seeds: dict, key: tuple[str, str], size: str) -> dict:
   for name, f in (("train_avg", lambda x: x["train_avg"]),
                   ("train_worst", lambda x: x["train_worst"]),
                   ("gap", lambda x: x["train_avg"] - x["test_avg"])):
-    v = np.array([f(x) for x in fits.values()], np.float64)
-    out[name] = {"mean": float(v.mean()) if v.size else math.nan,
-                 "std": float(v.std(ddof=1)) if v.size > 1 else math.nan}
+    out[name] = dict(zip(("mean", "std"), _mean_std(f(x) for x in fits.values())))
   checked = [x for x in fits.values() if x["plateaued"] is not None]
   out["plateaued"] = sum(x["plateaued"] for x in checked)
   out["tasks"] = sum(x["tasks"] for x in checked)
@@ -256,10 +254,16 @@ def cell(seeds: dict, key: tuple[str, str], use: Optional[set] = None) -> dict:
          "avg": {s: t["tail_avg"] for s, t in ok.items()},
          "worst": {s: t["tail_worst"] for s, t in ok.items()}}
   for metric in ("avg", "worst"):
-    v = np.array(list(out[metric].values()), np.float64)
-    out[f"{metric}_mean"] = float(v.mean()) if v.size else math.nan
-    out[f"{metric}_std"] = float(v.std(ddof=1)) if v.size > 1 else math.nan
+    out[f"{metric}_mean"], out[f"{metric}_std"] = _mean_std(out[metric].values())
   return out
+
+
+def _mean_std(values) -> tuple[float, float]:
+  """Mean and standard deviation (ddof 1) over seeds; std NaN below 2 values, mean NaN with
+  none."""
+  v = np.array(list(values), np.float64)
+  return (float(v.mean()) if v.size else math.nan,
+          float(v.std(ddof=1)) if v.size > 1 else math.nan)
 
 
 def compare(a: dict, b: dict, metric: str) -> dict:
@@ -322,12 +326,16 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
   found = {"regime": _seed_summaries(_load(regime_root, "regime_root"), "regime", expected),
            "ablations": _seed_summaries(_load(ablations_root, "ablations_root"), "ablations",
                                         expected)}
+  def seeds_of(key) -> dict:
+    """The seed summaries of the run ``key`` = (root, run name); {} if it has none."""
+    return found[key[0]].get(key[1], {})
+
   def cell_of(key, use: Optional[set] = None) -> dict:
-    """:func:`cell` of the run ``key`` = (root, run name)."""
-    return cell(found[key[0]].get(key[1], {}), key, use)
+    """:func:`cell` of the run ``key``."""
+    return cell(seeds_of(key), key, use)
 
   def finished(key) -> set:
-    return {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
+    return {s for s, v in seeds_of(key).items() if v["tail"] is not None}
 
   def group(specs):
     """Rows ``(key, reference key, fields)`` shown side by side (one setting's intervals,
@@ -364,8 +372,8 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
     size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
                     {"size": z, "method": m}) for m in lay["size_methods"]])
   size_change = shrinkage(size, lay["sizes"])
-  fit = [capacity(found[k[0]].get(k[1], {}), k, z)
-         for z in lay["sizes"] for k in [_size_run(z, EW_RUN)]]
+  fit = [capacity(seeds_of(_size_run(z, EW_RUN)), _size_run(z, EW_RUN), z)
+         for z in lay["sizes"]]
   size_pair = []
   for z in lay["sizes"]:
     a, b = (cell_of(_size_run(z, m)) for m in SIZE_PAIR)
@@ -373,11 +381,11 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
                       "vs_reference": {m: compare(a, b, m) for m in ("avg", "worst")}})
   missing = []
   for key in expected:  # the sweeps' order
-    done = {s for s, v in found[key[0]].get(key[1], {}).items() if v["tail"] is not None}
+    done = finished(key)
     absent = [s for s in seeds if s not in done]
     if absent:
       missing.append({"root": key[0], "run": key[1], "seeds": absent,
-                      "unfinished": sorted(s for s in found[key[0]].get(key[1], {})
+                      "unfinished": sorted(s for s in seeds_of(key)
                                            if s not in done)})
   details = []
   for root_key in ("ablations", "regime"):
@@ -666,15 +674,15 @@ def plot_model_size(report: dict, path: str) -> None:
   plt.close(fig)
 
 
-def plot_size_curves(regime_root: str, ablations_root: str, path: str, seed: int = 0) -> bool:
+def plot_size_curves(report: dict, path: str, seed: int = 0) -> bool:
   """Per-task training loss and test accuracy over steps of static mixing at each model size
-  (one finished seed); False (no file) if none has finished."""
+  (the report's capacity rows; one finished seed); False (no file) if none has finished."""
   runs = []
-  for z in layout()["sizes"]:
-    root_key, name = _size_run(z, EW_RUN)
-    folder = os.path.join(regime_root if root_key == "regime" else ablations_root, name)
+  for row in report["capacity"]:
+    root_key, name = _size_run(row["size"], EW_RUN)
+    folder = os.path.join(report[f"{root_key}_root"], name)
     if os.path.exists(os.path.join(folder, f"seed{seed}", "DONE")):
-      runs += [r | {"run": f"{z}: {name}"} for r in regime_report.load_runs(folder)
+      runs += [r | {"run": f"{row['size']}: {name}"} for r in regime_report.load_runs(folder)
                if r["seed"] == seed]
   if not runs:
     return False
@@ -694,7 +702,7 @@ def write_outputs(regime_root: str, ablations_root: str, out: str,
   if figure:
     plot(report, os.path.join(out, "ablations.png"))
     plot_model_size(report, os.path.join(out, "model_size.png"))
-    plot_size_curves(regime_root, ablations_root, os.path.join(out, "size_curves.png"))
+    plot_size_curves(report, os.path.join(out, "size_curves.png"))
   return report
 
 
