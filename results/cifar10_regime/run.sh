@@ -13,7 +13,8 @@
 #                                               # run is claimed by one (experiments/sweep.py, .claim)
 #   bash results/cifar10_regime/run.sh status   # what each run is doing (dry run)
 #   bash results/cifar10_regime/run.sh stop     # stop all lanes (runs resume next start)
-#   bash results/cifar10_regime/run.sh start g g2 g3 g4  # the large CNN (Figure 8) on four lanes
+#   START_BEFORE=<start + 10 min> bash results/cifar10_regime/run.sh start g g2 g3  # the large
+#                                               # CNN (Figure 8): three runs in ~2 h 15 min
 #   bash results/cifar10_regime/run.sh restore  # the committed runs back into workdirs/, so that
 #                                               # 'start' skips them ('start' does it itself
 #                                               # when workdirs/ has no regime runs yet)
@@ -72,9 +73,10 @@ lane_d() {  # the stronger failure case (hard_task_any.gin: half of cat/dog's la
   $S --sweep=cifar10_hard_task_any_core --root=$W/hard_task_any --seeds=0
   $S --sweep=cifar10_hard_task_any_core --root=$W/hard_task_any --seeds=1,2
 }
-lane_g() {  # the large CNN (Figure 8, App. B.3): seed 0 of its four runs first. ~40 min a run
-  # on 2 idle cores, so 'start g g2 g3 g4' at a session's start finishes one seed in ~2.7 h;
-  # a run unfinished when the session ends is lost with workdirs/ on a fresh checkout
+lane_g() {  # the large CNN (Figure 8, App. B.3): seed 0 of its four runs first, then seeds 1-2.
+  # Three lanes side by side on 2 cores make 2.4 steps/s together, ~2 h 10 min a run; a fourth
+  # would need ~2.8 h for all four. A run unfinished when the session ends resumes from its
+  # checkpoint only if workdirs/ survives (a fresh checkout trains it again)
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=0 --only='^large'
   $S --sweep=cifar10_regime_ablations --root=$W/ablations --seeds=1,2 --only='^large'
 }
@@ -124,8 +126,8 @@ case "${1:-start}" in
     done ;;
   restore)  # a fresh checkout has no workdirs/: copy the committed finished runs back (their
              # DONE files), so that 'start' skips them instead of training them again
-    for sweep in regime hard_task hard_task_any ablations litmus; do
-      [ -d results/cifar10_regime/runs/$sweep ] || continue
+    for src in results/cifar10_regime/runs/*/; do  # one folder per sweep, as sync.sh copies them
+      sweep=$(basename "$src")
       mkdir -p $W/$sweep && cp -rn results/cifar10_regime/runs/$sweep/. $W/$sweep/
     done
     echo "restored the committed runs into $W" ;;

@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/../.."
 W=workdirs/cifar10_regime
 R=results/cifar10_regime/runs
-for sweep in regime hard_task hard_task_any ablations litmus; do
-  [ -d $W/$sweep ] || continue
+for src in $W/*/; do  # one folder per sweep (regime, hard_task, ablations, ...), as run.sh makes
+  sweep=$(basename "$src")
   python -m experiments.sync_runs --src=$W/$sweep --dst=$R/$sweep
 done
