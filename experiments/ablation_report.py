@@ -372,8 +372,7 @@ def build_report(regime_root: str, ablations_root: str, seeds: Sequence[int] = S
     size += group([(_size_run(z, m), None if m == EW_RUN else _size_run(z, EW_RUN),
                     {"size": z, "method": m}) for m in lay["size_methods"]])
   size_change = shrinkage(size, lay["sizes"])
-  fit = [capacity(seeds_of(_size_run(z, EW_RUN)), _size_run(z, EW_RUN), z)
-         for z in lay["sizes"]]
+  fit = [capacity(seeds_of(k), k, z) for z in lay["sizes"] for k in [_size_run(z, EW_RUN)]]
   size_pair = []
   for z in lay["sizes"]:
     a, b = (cell_of(_size_run(z, m)) for m in SIZE_PAIR)
@@ -679,7 +678,7 @@ def plot_size_curves(report: dict, path: str, seed: int = 0) -> bool:
   (the report's capacity rows; one finished seed); False (no file) if none has finished."""
   runs = []
   for row in report["capacity"]:
-    root_key, name = _size_run(row["size"], EW_RUN)
+    root_key, name = row["run"].split("/", 1)
     folder = os.path.join(report[f"{root_key}_root"], name)
     if os.path.exists(os.path.join(folder, f"seed{seed}", "DONE")):
       runs += [r | {"run": f"{row['size']}: {name}"} for r in regime_report.load_runs(folder)

@@ -127,8 +127,8 @@ case "${1:-start}" in
   restore)  # a fresh checkout has no workdirs/: copy the committed finished runs back (their
              # DONE files), so that 'start' skips them instead of training them again
     for src in results/cifar10_regime/runs/*/; do  # one folder per sweep, as sync.sh copies them
-      sweep=$(basename "$src")
-      mkdir -p $W/$sweep && cp -rn results/cifar10_regime/runs/$sweep/. $W/$sweep/
+      [ -d "$src" ] || continue  # nothing committed yet: the pattern stays unexpanded
+      mkdir -p $W/$(basename "$src") && cp -rn "$src". $W/$(basename "$src")/
     done
     echo "restored the committed runs into $W" ;;
   status)

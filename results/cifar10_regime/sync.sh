@@ -8,6 +8,6 @@ cd "$(dirname "$0")/../.."
 W=workdirs/cifar10_regime
 R=results/cifar10_regime/runs
 for src in $W/*/; do  # one folder per sweep (regime, hard_task, ablations, ...), as run.sh makes
-  sweep=$(basename "$src")
-  python -m experiments.sync_runs --src=$W/$sweep --dst=$R/$sweep
+  [ -d "$src" ] || continue  # no sweep folder yet: the pattern stays unexpanded
+  python -m experiments.sync_runs --src="${src%/}" --dst=$R/$(basename "$src")
 done
